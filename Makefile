@@ -1,0 +1,51 @@
+# mailworker — `make demo` shows it working, `make test` proves it.
+# Both install what they need on a fresh Debian machine (python3, make, root).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
+# Debian packages the tests and the demo run for real.
+DEBS   := redis-server
+
+.PHONY: test demo lint typecheck unit bench system-deps venv clean
+
+test: venv lint typecheck unit
+
+demo: venv
+	$(BIN)/mailworker demo
+
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: system-deps $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,django,flask]'
+	touch $(STAMP)
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck:
+	$(BIN)/mypy --strict mailworker tests/type_usage
+
+unit:
+	$(BIN)/pytest -n 2
+
+bench: venv
+	$(BIN)/python benchmarks/bench_smtp.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

@@ -1,0 +1,63 @@
+"""Every Redis key mailworker uses, in one place.
+
+Layout (``{p}`` is the prefix, ``mailworker:`` by default):
+
+=============================  ======  =================================================
+key                            type    holds
+=============================  ======  =================================================
+``{p}sent:<message key>``      string  JSON result of a delivery the server accepted (250
+                                       to the data); kept ``max_age`` + 1 day. A key
+                                       present here is never sent again.
+``{p}lock:<message key>``      string  random token of the delivery running now; expires
+                                       after the task time limit (+ margin).
+``{p}runs:<task id>``          string  how many times a task message started (poison
+                                       guard); expires after ``max_age``.
+``{p}retry:due``               zset    scheduled retry id -> due time (unix seconds)
+``{p}retry:task``              hash    scheduled retry id -> JSON ``{"task", "kwargs"}``
+``{p}dlq:index``               zset    dead-letter id -> time it was added
+``{p}dlq:record``              hash    dead-letter id -> JSON record
+=============================  ======  =================================================
+
+The dead-letter store is pruned oldest first to ``MAILWORKER_DLQ_MAX`` records and
+``MAILWORKER_DLQ_TTL`` seconds (as dramatiq's dead-letter sorted set + hash).
+"""
+
+from __future__ import annotations
+
+#: Prefix of every key; one Redis database can serve several deployments.
+PREFIX = "mailworker:"
+
+
+def sent(message_key: str, prefix: str = PREFIX) -> str:
+    """Idempotency record of an accepted message."""
+    return f"{prefix}sent:{message_key}"
+
+
+def lock(message_key: str, prefix: str = PREFIX) -> str:
+    """Per-message lock held while a delivery runs."""
+    return f"{prefix}lock:{message_key}"
+
+
+def runs(task_id: str, prefix: str = PREFIX) -> str:
+    """Start counter of one task message (poison guard)."""
+    return f"{prefix}runs:{task_id}"
+
+
+def retry_due(prefix: str = PREFIX) -> str:
+    """Sorted set of scheduled retries by due time."""
+    return f"{prefix}retry:due"
+
+
+def retry_task(prefix: str = PREFIX) -> str:
+    """Hash of scheduled retries' task name and arguments."""
+    return f"{prefix}retry:task"
+
+
+def dlq_index(prefix: str = PREFIX) -> str:
+    """Sorted set of dead-letter ids by time added."""
+    return f"{prefix}dlq:index"
+
+
+def dlq_record(prefix: str = PREFIX) -> str:
+    """Hash of dead-letter records (JSON)."""
+    return f"{prefix}dlq:record"

@@ -1,0 +1,78 @@
+"""The retry policy, in one place: what is retried, how soon, and for how long.
+
+Two layers, as an MTA does it:
+
+1. in-process (tenacity): a transient failure is retried at once on a fresh
+   connection, a few times with short exponential back-off and jitter — a few
+   seconds at most, the worker never sleeps for minutes;
+2. delayed: then the message is scheduled in Redis after the next delay of
+   ``MAILWORKER_RETRY_DELAYS`` (the last one repeating) until ``MAILWORKER_MAX_AGE``
+   after its first attempt, and then dead-lettered as ``exhausted``.
+
+Permanent failures (5xx, untrusted certificate, 535, message too large) go to
+the dead-letter store at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tenacity
+
+from mailworker.errors import SMTPError, SMTPRecipientsRefused
+from mailworker.settings import Settings
+
+
+def retry_now(exc: BaseException) -> bool:
+    """Whether a failure is worth an immediate retry on a fresh connection.
+
+    Refused recipients are not: greylisting and full mailboxes do not clear up
+    within seconds, so they wait for the delayed schedule.
+    """
+    return (
+        isinstance(exc, SMTPError)
+        and exc.is_transient
+        and not isinstance(exc, SMTPRecipientsRefused)
+    )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delays and limits of both retry layers."""
+
+    delays: tuple[float, ...]
+    max_age: float
+    inprocess_attempts: int = 3
+    inprocess_max_wait: float = 4.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        """The policy configured by ``MAILWORKER_RETRY_DELAYS`` and ``MAILWORKER_MAX_AGE``."""
+        return cls(
+            settings.retry_delays,
+            settings.max_age,
+            settings.inprocess_attempts,
+            settings.inprocess_max_wait,
+        )
+
+    def retrying(self, before_retry: Callable[[], None]) -> tenacity.Retrying:
+        """In-process retries; ``before_retry`` runs before each (drop the session)."""
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.inprocess_attempts)
+            | tenacity.stop_after_delay(self.inprocess_max_wait),
+            wait=tenacity.wait_exponential_jitter(initial=0.2, max=1.5, jitter=0.2),
+            retry=tenacity.retry_if_exception(retry_now),
+            before_sleep=lambda _state: before_retry(),
+            reraise=True,
+        )
+
+    def delay(self, retry_number: int) -> float:
+        """Seconds before delayed retry ``retry_number`` (1 = the first)."""
+        return self.delays[min(retry_number, len(self.delays)) - 1]
+
+    def due(self, retry_number: int, first_attempt_at: float, now: float) -> float | None:
+        """When to run delayed retry ``retry_number``, or None when that would be past
+        the maximum age (the message is then exhausted)."""
+        due = now + self.delay(retry_number)
+        return due if due - first_attempt_at <= self.max_age else None

@@ -1,0 +1,40 @@
+"""Message bodies on the wire: CRLF only, dot-stuffed (RFC 5321 §4.1.1.4, §4.5.2).
+
+SMTP smuggling works by getting a server to see an end-of-data sequence the
+client did not mean to send (``<LF>.<LF>``, ``<CR>.<CR>``, ``<LF>.<CR><LF>``).
+We turn every bare CR and bare LF into CRLF first, so the only line ending on
+the wire is CRLF, then double every leading dot; the one ``<CRLF>.<CRLF>``
+that remains is the one we append.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+#: The end-of-data marker.
+END_OF_DATA = b".\r\n"
+
+
+def normalise_line_endings(message: bytes) -> bytes:
+    """Every CRLF, bare CR and bare LF becomes CRLF; the result ends with CRLF."""
+    data = _LINE_ENDINGS.sub(b"\r\n", message)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """The DATA payload for ``message``, ending with ``<CRLF>.<CRLF>``.
+
+    Line endings are normalised first, so after it only CRLF separates lines and
+    ``^.`` in ``MULTILINE`` mode matches exactly the starts of SMTP lines.
+    """
+    return _LEADING_DOT.sub(b"..", normalise_line_endings(message)) + END_OF_DATA
+
+
+def is_8bit(message: bytes) -> bool:
+    """Whether the message has octets above 127 (needs 8BITMIME)."""
+    return not message.isascii()

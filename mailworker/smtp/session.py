@@ -1,0 +1,478 @@
+"""One SMTP session, held open and reused for message after message."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, cast
+
+import structlog
+
+from mailworker.config import Profile
+from mailworker.errors import (
+    InvalidMessageError,
+    SMTPAuthError,
+    SMTPError,
+    SMTPNotSupportedError,
+    SMTPProtocolError,
+    SMTPReplyError,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+    SMTPTLSError,
+    Stage,
+)
+from mailworker.smtp import auth
+from mailworker.smtp._client import Client
+from mailworker.smtp.body import dot_stuff, is_8bit
+from mailworker.smtp.envelope import Envelope, exchange
+from mailworker.smtp.reply import Reply
+from mailworker.smtp.result import SendResult
+from mailworker.smtp.transcript import Transcript
+
+log = structlog.get_logger("mailworker.smtp")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What we learnt while connecting: for logs and ``mailworker check``."""
+
+    peer: str
+    greeting: str
+    capabilities: tuple[str, ...]
+    tls: dict[str, Any] = field(default_factory=dict)
+    auth_mechanism: str | None = None
+
+
+@functools.lru_cache(maxsize=32)
+def tls_context(
+    verify: bool, ca_file: str | None, client_cert: str | None, client_key: str | None
+) -> ssl.SSLContext:
+    """A client context: certificate and host name verified, TLS >= 1.2.
+
+    Never ``context=None``: smtplib then uses a context that verifies nothing.
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key)
+    return context
+
+
+def ehlo_name(profile: Profile, sock: socket.socket | None) -> str:
+    """The name we give in EHLO: configured, else a dotted host name, else an
+    address literal of our end of the connection (RFC 5321 §4.1.4)."""
+    if profile.local_hostname:
+        return profile.local_hostname
+    host = socket.gethostname()
+    if "." in host:
+        return host
+    if sock is not None:
+        address = sock.getsockname()[0]
+        return f"[IPv6:{address}]" if ":" in address else f"[{address}]"
+    return "[127.0.0.1]"
+
+
+class SMTPSession:
+    """A client session that connects once and sends many messages.
+
+    Example::
+
+        profile = Profile.from_url("smtps://app:secret@smtp.example.com")
+        with SMTPSession(profile) as session:
+            result = session.send("app@example.com", ["ann@example.org"], message_bytes)
+            print(result.reply, result.accepted)
+
+    ``send`` connects on first use, checks an idle session with NOOP, reconnects
+    when the server has closed it, and starts a new session after
+    ``profile.max_messages``. ``close`` always sends QUIT while the socket is open.
+    A session is not thread-safe: use one per thread.
+    """
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.info: SessionInfo | None = None
+        #: Connection-level lines (greeting, EHLO, AUTH, NOOP, QUIT) of the session.
+        self.transcript = Transcript()
+        #: Sessions opened so far (1 plus every reconnect).
+        self.connections = 0
+        self._client: Client | None = None
+        self._sent = 0
+        self._last_used = 0.0
+
+    def __repr__(self) -> str:
+        state = "open" if self.connected else "closed"
+        return f"<SMTPSession {self.profile.redacted_url()} {state}, {self._sent} sent>"
+
+    def __enter__(self) -> SMTPSession:
+        self.connect()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open (the server may still have gone away)."""
+        return self._client is not None and self._client.alive
+
+    # -- connecting ------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect, read the greeting, EHLO, STARTTLS and AUTH as the profile says.
+
+        Does nothing when already connected.
+
+        Raises:
+            SMTPError: with ``stage`` and ``is_transient`` set; the session is closed.
+        """
+        if self.connected:
+            return
+        profile = self.profile
+        context = None
+        if profile.uses_tls:
+            context = tls_context(
+                profile.verify, profile.ca_file, profile.client_cert, profile.client_key
+            )
+            if not profile.verify:
+                log.warning("smtp.tls_unverified", profile=profile.name, host=profile.host)
+        self.transcript = Transcript()
+        self._client = client = Client(
+            local_hostname=profile.local_hostname or "localhost",
+            connect_timeout=profile.timeouts.connect,
+            greeting_timeout=profile.timeouts.greeting,
+            implicit_tls=context if profile.security == "tls" else None,
+        )
+        client.transcript = self.transcript
+        self.connections += 1
+        self._sent = 0
+        with self._stage("connect"):
+            client.connect(profile.host, profile.port)
+        greeting = client.last_reply
+        if greeting.code != 220:
+            raise self._fail(SMTPReplyError, "server refused the session", "connect", greeting)
+        client.local_hostname = ehlo_name(profile, client.sock)
+        capabilities = self._hello()
+        if profile.security == "starttls":
+            assert context is not None
+            capabilities = self._starttls(context)
+        mechanism = self._authenticate() if profile.wants_auth else None
+        self.info = SessionInfo(
+            peer=f"{profile.host}:{profile.port}",
+            greeting=greeting.text,
+            capabilities=capabilities,
+            tls=client.tls_info(),
+            auth_mechanism=mechanism,
+        )
+        self._last_used = time.monotonic()
+        log.info(
+            "smtp.connected",
+            profile=profile.name,
+            peer=self.info.peer,
+            greeting=self.info.greeting,
+            capabilities=list(capabilities),
+            auth_mechanism=mechanism,
+            **self.info.tls,
+        )
+
+    def _hello(self) -> tuple[str, ...]:
+        client = self._require()
+        with self._stage("ehlo"):
+            client.ehlo()
+            reply = client.last_reply
+            # HELO only when EHLO itself is refused (5xx), never on a 4xx or 421.
+            if 500 <= reply.code < 600:
+                client.helo()
+                reply = client.last_reply
+        if reply.code != 250:
+            raise self._fail(SMTPReplyError, "server refused EHLO and HELO", "ehlo", reply)
+        return reply.lines[1:] if client.does_esmtp else ()
+
+    def _starttls(self, context: ssl.SSLContext) -> tuple[str, ...]:
+        client = self._require()
+        if not client.has_extn("starttls"):
+            raise self._fail(
+                SMTPTLSError,
+                "server does not offer STARTTLS; refusing to continue in clear text "
+                "(the profile requires STARTTLS)",
+                "tls",
+            )
+        with self._stage("tls"):
+            reply = client.command("STARTTLS")
+        if reply.code != 220:
+            raise self._fail(SMTPTLSError, "server refused STARTTLS", "tls", reply)
+        with self._stage("tls", self.profile.timeouts.connect):
+            client.start_tls(context, self.profile.host)
+        return self._hello()
+
+    def _authenticate(self) -> str:
+        client = self._require()
+        if not client.has_extn("auth"):
+            raise self._fail(SMTPNotSupportedError, "server does not offer AUTH", "auth")
+        offered = client.esmtp_features["auth"].split()
+        try:
+            mechanism = auth.choose_mechanism(self.profile, offered)
+        except SMTPNotSupportedError as exc:
+            raise self._fail(SMTPNotSupportedError, exc.message, "auth") from None
+        answer, initial = auth.authobject(mechanism, self.profile)
+        with self._stage("auth"), client.redacting():
+            try:
+                client.auth(mechanism, cast(Any, answer), initial_response_ok=initial)
+            except smtplib.SMTPAuthenticationError:
+                reply = client.last_reply
+                raise self._fail(
+                    SMTPAuthError, f"server refused AUTH {mechanism}", "auth", reply
+                ) from None
+        return mechanism
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, envelope_from: str, recipients: Sequence[str], message: bytes) -> SendResult:
+        """Send one message; returns the per-recipient outcome.
+
+        Args:
+            envelope_from: the MAIL FROM address (``""`` for the null sender).
+            recipients: RCPT TO addresses.
+            message: the RFC 5322 message; line endings are normalised to CRLF and
+                leading dots stuffed, so nothing in it can end the data early.
+
+        Returns:
+            The result when at least one recipient accepted the message; refused
+            recipients are listed there as deferred (4xx) or rejected (5xx).
+
+        Raises:
+            SMTPRecipientsRefused: no recipient was accepted.
+            SMTPError: any other failure, with ``stage`` and ``is_transient``.
+        """
+        envelope = self._envelope(envelope_from, recipients, message)
+        payload = dot_stuff(message)
+        fresh = self._ensure_ready()
+        try:
+            return self._transaction(envelope, payload)
+        except (SMTPServerDisconnected, SMTPReplyError) as exc:
+            # A held session the server closed while idle shows up at the first
+            # command; nothing was accepted yet, so one more try is safe.
+            closed = isinstance(exc, SMTPServerDisconnected) or exc.code == 421
+            if fresh or exc.stage != "mail" or not closed:
+                raise
+            log.info("smtp.reconnect", profile=self.profile.name, reason=str(exc))
+            self._drop(send_quit=False)
+            self.connect()
+            return self._transaction(envelope, payload)
+
+    def _envelope(self, sender: str, recipients: Sequence[str], message: bytes) -> Envelope:
+        if isinstance(recipients, str):
+            raise InvalidMessageError("recipients", "must be a list of addresses, not a string")
+        if not recipients:
+            raise InvalidMessageError("recipients", "at least one recipient is required")
+        for name, address in [("envelope_from", sender)] + [
+            (f"recipients[{i}]", r) for i, r in enumerate(recipients)
+        ]:
+            if any(c in address for c in "\r\n<> \t\0"):
+                raise InvalidMessageError(
+                    name, f"{address!r} must be a bare address without CR, LF, spaces or <>"
+                )
+            if address == "" and name != "envelope_from":
+                raise InvalidMessageError(name, "empty address")
+        if not isinstance(message, (bytes, bytearray)):
+            raise InvalidMessageError("message", "must be bytes")
+        return Envelope(
+            sender=sender,
+            recipients=tuple(recipients),
+            size=len(message),
+            eight_bit=is_8bit(message),
+            utf8=not (sender.isascii() and all(r.isascii() for r in recipients)),
+        )
+
+    def _transaction(self, envelope: Envelope, payload: bytes) -> SendResult:
+        client = self._require()
+        params = self._mail_params(envelope)
+        transcript = Transcript()
+        client.transcript = transcript
+        client.command_encoding = "utf-8" if envelope.utf8 else "ascii"
+        try:
+            result = exchange(
+                client,
+                envelope,
+                params=params,
+                payload=payload,
+                timeouts=self.profile.timeouts,
+                guard=self._stage,
+            )
+        except SMTPError as exc:
+            exc.transcript = transcript.as_strings()
+            if exc.code == 421:  # the server is closing this session
+                self._drop(send_quit=False)
+            elif self.connected:
+                self._reset()
+            raise
+        finally:
+            client.transcript = self.transcript
+            client.command_encoding = "ascii"
+        self._sent += 1
+        self._last_used = time.monotonic()
+        return SendResult(
+            recipients=result.recipients,
+            reply=result.reply,
+            size=result.size,
+            transcript=tuple(transcript.lines),
+        )
+
+    def _mail_params(self, envelope: Envelope) -> list[str]:
+        client = self._require()
+        params = []
+        limit = client.esmtp_features.get("size", "")
+        if limit.isdigit() and int(limit) > 0 and envelope.size > int(limit):
+            raise SMTPNotSupportedError(
+                f"message is {envelope.size} bytes; the server accepts at most {limit} (SIZE)",
+                stage="mail",
+            )
+        if client.has_extn("size"):
+            params.append(f"SIZE={envelope.size}")
+        if envelope.utf8:
+            if not client.has_extn("smtputf8"):
+                raise SMTPNotSupportedError(
+                    "a non-ASCII address needs SMTPUTF8, which the server does not offer",
+                    stage="mail",
+                )
+            params.append("SMTPUTF8")
+        if envelope.eight_bit:
+            if not client.has_extn("8bitmime"):
+                raise SMTPNotSupportedError(
+                    "the message has 8-bit content and the server does not offer 8BITMIME; "
+                    "encode it as quoted-printable or base64",
+                    stage="mail",
+                )
+            params.append("BODY=8BITMIME")
+        return params
+
+    def _ensure_ready(self) -> bool:
+        """Connect or check the held session; True if a new session was opened."""
+        if not self.connected:
+            self.connect()
+            return True
+        if self._sent >= self.profile.max_messages:
+            log.info("smtp.recycle", profile=self.profile.name, sent=self._sent)
+            self.close()
+            self.connect()
+            return True
+        if time.monotonic() - self._last_used >= self.profile.noop_after:
+            try:
+                with self._stage("connect"):
+                    reply = self._require().command("NOOP")
+                if reply.code != 250:
+                    raise SMTPReplyError("NOOP refused", stage="connect", code=reply.code)
+            except SMTPError:
+                self._drop(send_quit=False)
+                self.connect()
+                return True
+        return False
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Send QUIT if the socket is open, then close it. Never raises."""
+        self._drop(send_quit=True)
+
+    def _drop(self, *, send_quit: bool) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        client.transcript = self.transcript
+        if send_quit and client.alive:
+            with contextlib.suppress(OSError, smtplib.SMTPException, ValueError):
+                client.set_timeout(self.profile.timeouts.quit)
+                client.command("QUIT")
+        with contextlib.suppress(OSError):
+            client.close()
+        log.info("smtp.closed", profile=self.profile.name, sent=self._sent, quit=send_quit)
+
+    def _reset(self) -> None:
+        """RSET after a failed transaction; a session that refuses it is dropped."""
+        try:
+            with self._stage("reset"):
+                reply = self._require().command("RSET")
+            if reply.code != 250:
+                self._drop(send_quit=True)
+        except SMTPError:
+            self._drop(send_quit=False)
+
+    # -- errors ------------------------------------------------------------------
+
+    def _require(self) -> Client:
+        if self._client is None:
+            raise SMTPServerDisconnected("the session is not connected", stage="connect")
+        return self._client
+
+    def _fail(
+        self, cls: type[SMTPError], message: str, stage: Stage, reply: Reply | None = None
+    ) -> SMTPError:
+        """Build an error for a refused connection step and close the session."""
+        exc = cls(
+            message,
+            stage=stage,
+            code=reply.code if reply else None,
+            enhanced_code=reply.enhanced_code if reply else None,
+            reply=reply.text if reply else "",
+        )
+        exc.transcript = self.transcript.as_strings()
+        # A refused greeting or a 421 means the server closes; otherwise say QUIT.
+        self._drop(send_quit=not (reply and reply.code in (421, 554) and stage == "connect"))
+        return exc
+
+    @contextlib.contextmanager
+    def _stage(self, stage: Stage, timeout: float | None = None) -> Iterator[None]:
+        """Run one step under its timeout; socket, TLS and smtplib failures become
+        SMTPError (the session is dropped) carrying the session transcript."""
+        client = self._client
+        if client is not None and client.alive:
+            client.set_timeout(self.profile.timeouts.command if timeout is None else timeout)
+        try:
+            yield
+        except SMTPError:
+            raise
+        except Exception as exc:
+            error = classify(exc, stage, self.profile.host)
+            if error is None:
+                raise
+            error.transcript = self.transcript.as_strings()
+            # After a timeout or garbage the socket may be open: still say QUIT.
+            self._drop(send_quit=isinstance(error, (SMTPTimeoutError, SMTPProtocolError)))
+            raise error from exc
+
+
+def classify(exc: BaseException, stage: Stage, host: str) -> SMTPError | None:
+    """Map a low-level failure to our hierarchy; None if it is not an I/O failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return SMTPTLSError(f"certificate of {host} not trusted: {exc.verify_message}", stage="tls")
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return SMTPServerDisconnected("server closed the TLS connection", stage=stage)
+    if isinstance(exc, ssl.SSLError):
+        return SMTPTLSError(f"TLS failed: {exc.reason or exc}", stage="tls")
+    if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+        return SMTPTimeoutError("no reply within the timeout", stage=stage)
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return SMTPServerDisconnected("server closed the connection", stage=stage)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return SMTPProtocolError(f"unusable reply: {exc.smtp_error!r}", stage=stage)
+    if isinstance(exc, socket.gaierror):
+        return SMTPServerDisconnected(f"cannot resolve {host}: {exc.strerror}", stage=stage)
+    if isinstance(exc, OSError):
+        return SMTPServerDisconnected(
+            f"connection to {host} failed: {exc.strerror or exc}", stage=stage
+        )
+    return None
