@@ -201,7 +201,11 @@ class Profile:
         where = f"profile {name!r}"
         if "\r" in url or "\n" in url or " " in url.strip():
             raise ConfigError(f"{where}: the SMTP URL must not contain spaces, CR or LF")
-        parts = urlsplit(url.strip())
+        try:
+            parts = urlsplit(url.strip())
+            hostname = parts.hostname
+        except ValueError as exc:  # e.g. an unbalanced [ in an IPv6 literal
+            raise ConfigError(f"{where}: the SMTP URL is malformed ({exc})") from None
         scheme = parts.scheme.lower()
         if scheme not in SCHEMES:
             raise ConfigError(
@@ -213,7 +217,7 @@ class Profile:
             port = parts.port or default_port
         except ValueError:
             raise ConfigError(f"{where}: the port in the SMTP URL is not a number") from None
-        if not parts.hostname:
+        if not hostname:
             raise ConfigError(f"{where}: the SMTP URL has no host (e.g. smtps://smtp.example.com)")
         if parts.path not in ("", "/") or parts.fragment:
             raise ConfigError(f"{where}: the SMTP URL must not have a path or fragment")
@@ -227,7 +231,7 @@ class Profile:
         if timeout is not None:
             kwargs["timeouts"] = Timeouts.uniform(float(timeout))  # type: ignore[arg-type]
         return cls(
-            host=parts.hostname,
+            host=hostname,
             port=port,
             security=security,
             username=unquote(parts.username) if parts.username else None,

@@ -71,6 +71,7 @@ __all__ = [
     "SERVER_HOSTNAME",
     "WRONG_HOSTNAME",
     "XOAUTH2_ERROR",
+    "XOAUTH2_FAILURE_REPLY",
     "AuthAttempt",
     "CertChoice",
     "ClientClosed",
@@ -105,7 +106,6 @@ XOAUTH2_FAILURE_REPLY: Final = (
     "535-5.7.8 Username and Password not accepted. For more information, go to\r\n"
     "535 5.7.8  https://support.google.com/mail/?p=BadCredentials"
 )
-_AUTH_FAILED: Final = "535 5.7.8 Authentication credentials invalid"
 
 TLSMode = Literal["none", "starttls", "implicit"]
 CertChoice = Literal["good", "wrong_host", "untrusted", "expired"]
@@ -300,15 +300,17 @@ class RecordingHandler:
         reply_delay: Seconds to wait before every reply line (greeting too).
         command_delays: Extra seconds before the reply to one command, by
             name: ``GREETING``, ``EHLO``, ``HELO``, ``MAIL``, ``RCPT``,
-            ``DATA`` (the reply after the final dot), ``RSET``, ``NOOP``,
+            ``DATA`` (the reply after the final dot; the message is recorded
+            before the delay, so a client that gives up still delivered it), ``RSET``, ``NOOP``,
             ``QUIT``.
         user, password, token: Credentials AUTH accepts (token: XOAUTH2).
 
     Any injected reply starting with ``421`` also closes the connection, as
     a real server does.
 
-    Records (safe to read from the test thread): :attr:`messages`,
-    :attr:`rejected`, :attr:`logins`, :attr:`counts`, :attr:`errors`.
+    Records, appended to from the server thread (take a copy with ``list()``
+    before iterating while traffic flows): :attr:`messages`, :attr:`rejected`,
+    :attr:`logins`, :attr:`counts`, :attr:`errors`.
     """
 
     def __init__(
@@ -336,36 +338,25 @@ class RecordingHandler:
         #: Counters: ``connections`` (TCP accepts), ``tls_handshakes``
         #: (successful, STARTTLS or implicit), ``tls_failures`` (failed
         #: STARTTLS handshakes), ``auth_attempts``, ``auth_successes``, and
-        #: one per command received: ``EHLO``, ``HELO``, ``AUTH``, ``MAIL``,
-        #: ``RCPT``, ``DATA`` (completed transfers), ``RSET``, ``NOOP``, ``QUIT``.
+        #: one per command that reached the handler: ``EHLO``, ``HELO``,
+        #: ``AUTH``, ``MAIL``, ``RCPT``, ``DATA`` (completed transfers),
+        #: ``RSET``, ``NOOP``, ``QUIT``. Commands aiosmtpd refuses itself
+        #: (bad syntax, SIZE too big, 530 before AUTH/STARTTLS) are not counted.
         self.counts: Counter[str] = Counter()
         #: Unexpected exceptions raised while serving (TLS failures included).
         self.errors: list[BaseException] = []
-        self._messages: list[ReceivedMessage] = []
-        self._rejected: list[ReceivedMessage] = []
-        self._logins: list[AuthAttempt] = []
+        # Plain lists, not copying properties: aiosmtpd runs
+        # inspect.getmembers(handler) on every connection.
+        #: Messages whose DATA was accepted, oldest first (live list).
+        self.messages: list[ReceivedMessage] = []
+        #: Messages fully received but refused at end of DATA (live list).
+        self.rejected: list[ReceivedMessage] = []
+        #: Every completed AUTH exchange, oldest first (live list).
+        self.logins: list[AuthAttempt] = []
         self._connection_ids = itertools.count(1)
         self._cond = threading.Condition()
 
     # ---- records -------------------------------------------------------
-
-    @property
-    def messages(self) -> list[ReceivedMessage]:
-        """Messages whose DATA was accepted, oldest first (a copy)."""
-        with self._cond:
-            return list(self._messages)
-
-    @property
-    def rejected(self) -> list[ReceivedMessage]:
-        """Messages fully received but refused at end of DATA (a copy)."""
-        with self._cond:
-            return list(self._rejected)
-
-    @property
-    def logins(self) -> list[AuthAttempt]:
-        """Every completed AUTH exchange, oldest first (a copy)."""
-        with self._cond:
-            return list(self._logins)
 
     @property
     def connections(self) -> int:
@@ -384,18 +375,30 @@ class RecordingHandler:
             TimeoutError: Fewer than ``count`` arrived within ``timeout`` seconds.
         """
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._messages) >= count, timeout):
+            if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
                 raise TimeoutError(
-                    f"{len(self._messages)} of {count} messages arrived within {timeout}s"
+                    f"{len(self.messages)} of {count} messages arrived within {timeout}s"
                 )
-            return list(self._messages)
+            return list(self.messages)
+
+    def wait_for_count(self, name: str, value: int, timeout: float = 5.0) -> None:
+        """Block until ``counts[name] >= value``.
+
+        Raises:
+            TimeoutError: It did not get there within ``timeout`` seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.counts[name] >= value, timeout):
+                raise TimeoutError(
+                    f"counts[{name!r}] is {self.counts[name]}, not >= {value} after {timeout}s"
+                )
 
     def clear(self) -> None:
         """Forget recorded messages, logins, counters and errors (not faults)."""
         with self._cond:
-            self._messages.clear()
-            self._rejected.clear()
-            self._logins.clear()
+            self.messages.clear()
+            self.rejected.clear()
+            self.logins.clear()
             self.counts.clear()
             self.errors.clear()
 
@@ -409,6 +412,7 @@ class RecordingHandler:
     def _new_connection_id(self) -> int:
         with self._cond:
             self.counts["connections"] += 1
+            self._cond.notify_all()
             return next(self._connection_ids)
 
     def _take_once(self, attribute: str) -> str | None:
@@ -515,7 +519,6 @@ class RecordingHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Record the message; accept it unless a DATA fault is set."""
         self._count("DATA")
-        await self._delay("DATA")
         queue_id = secrets.token_hex(5).upper()
         fault = self._take_once("data_reply_once") or self.data_reply
         if fault is not None:
@@ -540,8 +543,11 @@ class RecordingHandler:
             reply=reply,
         )
         with self._cond:
-            (self._messages if message.accepted else self._rejected).append(message)
+            (self.messages if message.accepted else self.rejected).append(message)
             self._cond.notify_all()
+        # Delay only after recording: a client that times out waiting for this
+        # reply leaves a delivered message behind, as with a real server.
+        await self._delay("DATA")
         return reply
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -570,6 +576,7 @@ class RecordingHandler:
             self.errors.append(error)
             if isinstance(error, TLSSetupException):
                 self.counts["tls_failures"] += 1
+            self._cond.notify_all()
         return f"500 Error: ({type(error).__name__}) {error}"
 
     def authenticate(
@@ -600,7 +607,7 @@ class RecordingHandler:
         with self._cond:
             self.counts["auth_attempts"] += 1
             self.counts["auth_successes"] += ok
-            self._logins.append(AuthAttempt(mechanism, user, ok))
+            self.logins.append(AuthAttempt(mechanism, user, ok))
             self._cond.notify_all()
         if ok:
             return AuthResult(success=True, auth_data=user)
@@ -751,12 +758,12 @@ class SMTPServer:
         cert: CertChoice = "good",
         auth: bool = False,
         auth_required: bool | None = None,
-        auth_require_tls: bool = True,
+        auth_require_tls: bool | None = None,
         require_starttls: bool = False,
         mechanisms: Sequence[str] | None = None,
-        user: str = DEFAULT_USER,
-        password: str = DEFAULT_PASSWORD,
-        token: str = DEFAULT_TOKEN,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
         size_limit: int | None = 2**25,
         idle_timeout: float = 300.0,
         handler: RecordingHandler | None = None,
@@ -777,12 +784,16 @@ class SMTPServer:
                 is advertised and every mechanism gets 504.
             auth_required: Refuse MAIL/RCPT/DATA with 530 until AUTH
                 succeeded; defaults to ``auth``.
-            auth_require_tls: Offer and accept AUTH only over TLS (with
-                ``tls="none"`` this means never; AUTH gets 538).
+            auth_require_tls: Offer and accept AUTH only over TLS; AUTH
+                before STARTTLS gets 538. Default: True for ``"starttls"``,
+                False for ``"none"`` (True there means AUTH is never offered).
+                Implicit TLS is always TLS.
             require_starttls: Refuse everything but EHLO/NOOP/QUIT/STARTTLS
                 with 530 before STARTTLS (needs ``tls="starttls"``).
             mechanisms: AUTH mechanisms to offer, from :data:`ALL_MECHANISMS`.
-            user, password, token: Accepted credentials (token: XOAUTH2).
+            user, password, token: Accepted credentials (token: XOAUTH2);
+                default :data:`DEFAULT_USER`, :data:`DEFAULT_PASSWORD`,
+                :data:`DEFAULT_TOKEN`, or the given handler's.
             size_limit: Advertised and enforced SIZE (None: no limit).
             idle_timeout: Seconds of client silence before the server hangs up.
             handler: A handler to share (e.g. across restarts); default new.
@@ -810,13 +821,18 @@ class SMTPServer:
         self.cert: CertChoice = cert
         self.auth = auth
         self.auth_required = auth if auth_required is None else auth_required
-        self.auth_require_tls = auth_require_tls
+        self.auth_require_tls = tls == "starttls" if auth_require_tls is None else auth_require_tls
         self.require_starttls = require_starttls
         self.mechanisms = offered if auth else ()
         self.size_limit = size_limit
         self.idle_timeout = idle_timeout
         self.handler = handler if handler is not None else RecordingHandler()
-        self.handler.user, self.handler.password, self.handler.token = user, password, token
+        if user is not None:
+            self.handler.user = user
+        if password is not None:
+            self.handler.password = password
+        if token is not None:
+            self.handler.token = token
         self.host = host
         self.port = port if port is not None else 0
         self.hostname = hostname

@@ -1,0 +1,412 @@
+"""One delivery attempt of one message, composed from the parts below it.
+
+Knows nothing of Celery: :mod:`mailworker.tasks` passes the task's name, id and
+arguments in and turns the outcome into a task result. That keeps the whole
+policy — poison guard, lock, idempotency, in-process and delayed retries,
+dead-lettering, logging — testable with a real Redis and a real SMTP server but
+no worker.
+
+Task arguments carry a private ``_meta`` dict across delayed retries:
+``key`` (the message's idempotency key), ``message_id`` and ``date`` (so every
+attempt sends the same message), ``recipients`` (when only some recipients are
+retried), ``first_attempt_at``, ``attempts`` (SMTP attempts so far), ``retries``
+(delayed retries so far) and ``history``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+import redis
+import structlog
+
+from mailworker.config import Profile
+from mailworker.deadletter import DeadLetter, DeadLetterStore
+from mailworker.errors import (
+    ConfigError,
+    DeadLetteredError,
+    InvalidMessageError,
+    MailworkerError,
+    SMTPError,
+    SMTPRecipientsRefused,
+)
+from mailworker.ledger import Ledger
+from mailworker.message import MailPayload, RawPayload, build_message, message_bytes
+from mailworker.retry import RetryPolicy
+from mailworker.schedule import RetrySchedule
+from mailworker.sessions import SessionPool
+from mailworker.settings import Settings
+from mailworker.smtp import SendResult
+
+log = structlog.get_logger("mailworker.delivery")
+
+SEND_MAIL = "mailworker.send_mail"
+SEND_MESSAGE = "mailworker.send_message"
+#: Arguments that steer delivery rather than describe the message.
+_CONTROL = ("profile", "idempotency_key", "_meta")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated message, ready for the wire."""
+
+    envelope_from: str
+    recipients: list[str]
+    data: bytes
+    message_id: str | None
+    date: str | None
+    summary: dict[str, Any]
+
+
+class Delivery:
+    """Runs delivery attempts in one worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: redis.Redis,
+        pool: SessionPool,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.ledger = Ledger(redis_client)
+        self.schedule = RetrySchedule(redis_client)
+        self.dlq = DeadLetterStore(redis_client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
+        self.policy = RetryPolicy.from_settings(settings)
+        self._clock = clock
+
+    def run(self, task: str, task_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Deliver (or defer, or dead-letter) one message; returns the task result.
+
+        Raises:
+            DeadLetteredError: the message went to the dead-letter store.
+        """
+        started = self._clock()
+        meta = dict(kwargs.get("_meta") or {})
+        key = meta.setdefault("key", kwargs.get("idempotency_key") or task_id)
+        meta.setdefault("first_attempt_at", started)
+        attempt = _Attempt(
+            self, task=task, task_id=task_id, kwargs=kwargs, meta=meta, started=started
+        )
+        starts = self.ledger.count_start(task_id, ttl=self.settings.max_age + 86400)
+        if starts > 1 + self.settings.max_redeliveries:
+            # The message was redelivered after killing its worker this many times.
+            error = {"type": "Poison", "message": f"started {starts} times without finishing"}
+            attempt.dead_letter("poison", error)
+        token = self.ledger.acquire(key, ttl=self.settings.task_time_limit + 30)
+        if token is None:
+            return attempt.defer_locked()
+        try:
+            done = self.ledger.sent(key)
+            if done is not None:
+                attempt.log.info("mail.duplicate_skipped", message_id=done.get("message_id"))
+                return {**done, "duplicate": True}
+            return attempt.deliver()
+        finally:
+            self.ledger.release(key, token)
+            self.ledger.forget_starts(task_id)
+
+
+class _Attempt:
+    """The state of one run of a task."""
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        *,
+        task: str,
+        task_id: str,
+        kwargs: dict[str, Any],
+        meta: dict[str, Any],
+        started: float,
+    ) -> None:
+        self.d = delivery
+        self.task = task
+        self.task_id = task_id
+        self.kwargs = kwargs
+        self.meta = meta
+        self.started = started
+        self.profile = str(kwargs.get("profile") or "default")
+        self.attempts = int(meta.get("attempts", 0))
+        self.transcript: list[str] = []
+        self.summary: dict[str, Any] = {}
+        self.message_id: str | None = meta.get("message_id")
+        self.log = log.bind(task_id=task_id, message_key=meta["key"], profile=self.profile)
+
+    # -- the happy path ----------------------------------------------------------
+
+    def deliver(self) -> dict[str, Any]:
+        try:
+            prepared = self.prepare()
+        except (InvalidMessageError, ConfigError) as exc:
+            field = exc.field if isinstance(exc, InvalidMessageError) else "profile"
+            error = {"type": type(exc).__name__, "message": str(exc), "field": field}
+            self.dead_letter("invalid", error)
+        self.message_id = prepared.message_id
+        self.summary = prepared.summary
+        retrying = self.d.policy.retrying(before_retry=lambda: self.d.pool.discard(self.profile))
+        try:
+            for try_ in retrying:
+                with try_:
+                    self.attempts += 1
+                    session = self.d.pool.get(self.profile)
+                    result = session.send(
+                        prepared.envelope_from, prepared.recipients, prepared.data
+                    )
+                    # Any retry after here would be a duplicate: record it now.
+                    record = self.record_sent(result)
+        except SMTPError as exc:
+            self.transcript = exc.transcript
+            return self.failed(exc, prepared)
+        self.transcript = [str(line) for line in result.transcript]
+        self.after_partial(result, prepared)
+        self.log.info(
+            "mail.sent",
+            **self.event(reply=str(result.reply)),
+            queue_id=result.queue_id,
+            accepted=result.accepted,
+            refused=record["refused"],
+        )
+        return record
+
+    def prepare(self) -> Prepared:
+        fields = {k: v for k, v in self.kwargs.items() if k not in _CONTROL}
+        override = self.meta.get("recipients")
+        if self.task == SEND_MESSAGE:
+            raw = RawPayload.from_task_kwargs(fields)
+            self.d.pool.get(self.profile)  # unknown profile: invalid, before any I/O
+            return Prepared(
+                raw.envelope_from,
+                list(override or raw.recipients),
+                raw.message,
+                raw.message_id,
+                None,
+                raw.summary(),
+            )
+        payload = MailPayload.from_task_kwargs(fields, default_from=self.d.settings.default_from)
+        self.d.pool.get(self.profile)
+        message = build_message(payload)
+        # Every attempt of a message sends the same Message-ID and Date.
+        _pin(message, "Message-ID", self.meta.setdefault("message_id", message["Message-ID"]))
+        _pin(message, "Date", self.meta.setdefault("date", message["Date"]))
+        return Prepared(
+            payload.envelope_from,
+            list(override or payload.recipients),
+            message_bytes(message),
+            self.meta["message_id"],
+            self.meta["date"],
+            payload.summary(),
+        )
+
+    def record_sent(self, result: SendResult) -> dict[str, Any]:
+        record = {
+            "status": "sent",
+            "message_id": self.message_id,
+            "accepted": result.accepted,
+            "refused": {r: outcome.to_dict() for r, outcome in result.refused.items()},
+            "reply": str(result.reply),
+            "queue_id": result.queue_id,
+            "attempts": self.attempts,
+        }
+        self.d.ledger.record_sent(self.meta["key"], record, ttl=self.d.settings.max_age + 86400)
+        return record
+
+    # -- partial and failed deliveries ------------------------------------------------
+
+    def after_partial(self, result: SendResult, prepared: Prepared) -> None:
+        """Retry the deferred recipients alone; dead-letter the rejected ones."""
+        deferred = result.deferred
+        rejected = {r: o for r, o in result.refused.items() if o.status == "rejected"}
+        if deferred:
+            last = result.refused[deferred[-1]]
+            error = {
+                "type": "RecipientsDeferred",
+                "code": last.code,
+                "enhanced_code": last.enhanced_code,
+                "reply": last.reply,
+                "message": f"{len(deferred)} recipient(s) deferred",
+                "stage": "rcpt",
+            }
+            self.schedule_retry(error, recipients=deferred, whole=False)
+        if rejected:
+            last = next(reversed(rejected.values()))
+            error = {
+                "type": "RecipientsRejected",
+                "code": last.code,
+                "enhanced_code": last.enhanced_code,
+                "reply": last.reply,
+                "stage": "rcpt",
+                "message": "; ".join(f"{r}: {o.code} {o.reply}" for r, o in rejected.items()),
+            }
+            self.dead_letter("permanent", error, subset=list(rejected), raise_=False)
+
+    def failed(self, exc: SMTPError, prepared: Prepared) -> dict[str, Any]:
+        error = exc.to_dict()
+        if isinstance(exc, SMTPRecipientsRefused):
+            deferred = [r for r, (code, _, _) in exc.refused.items() if 400 <= code < 500]
+            rejected = [r for r in exc.refused if r not in deferred]
+            if rejected and deferred:
+                self.dead_letter("permanent", error, subset=rejected, raise_=False)
+            if deferred:
+                return self.schedule_retry(error, recipients=deferred, whole=not rejected)
+            self.dead_letter("permanent", error)
+        if not exc.is_transient:
+            self.dead_letter("permanent", error)
+        return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
+
+    def schedule_retry(
+        self, error: dict[str, Any], *, recipients: list[str] | None, whole: bool
+    ) -> dict[str, Any]:
+        """Schedule a delayed retry, or dead-letter as exhausted past the maximum age.
+
+        ``whole``: the task's message failed as a whole (an exhausted one raises).
+        """
+        now = self.d._clock()
+        retries = int(self.meta.get("retries", 0)) + 1
+        due = self.d.policy.due(retries, float(self.meta["first_attempt_at"]), now)
+        meta = self._next_meta(error, recipients)
+        if due is None:
+            subset = None if whole else recipients
+            self.dead_letter("exhausted", error, subset=subset, raise_=whole)
+            return {"status": "dead_lettered", "reason": "exhausted", "recipients": recipients}
+        meta["retries"] = retries
+        kwargs = {**self.kwargs, "_meta": meta}
+        retry_id = str(uuid.uuid4())
+        self.d.schedule.add(retry_id, self.task, kwargs, due)
+        self.log.info(
+            "mail.deferred",
+            **self.event(reply=error.get("reply")),
+            error=error.get("message"),
+            delay=round(due - now, 3),
+            retry_at=due,
+            retry_task_id=retry_id,
+            recipients=recipients,
+        )
+        return {
+            "status": "deferred",
+            "message_id": self.message_id,
+            "retry_at": due,
+            "retry_task_id": retry_id,
+            "attempts": self.attempts,
+            "error": error,
+        }
+
+    def _next_meta(self, error: dict[str, Any], recipients: list[str] | None) -> dict[str, Any]:
+        meta = {**self.meta, "attempts": self.attempts}
+        meta["history"] = [
+            *meta.get("history", []),
+            {"at": self.d._clock(), "error": error.get("message")},
+        ]
+        if recipients is not None and recipients != self.meta.get("recipients"):
+            # A new message for a subset of recipients: its own idempotency key.
+            digest = hashlib.sha256("\n".join(sorted(recipients)).encode()).hexdigest()[:12]
+            meta["key"] = f"{self.meta['key']}+{digest}"
+            meta["recipients"] = recipients
+        return meta
+
+    def defer_locked(self) -> dict[str, Any]:
+        """Another delivery of this message is running now (a redelivery overtook it):
+        look again once its lock has expired, rather than run beside it."""
+        due = self.d._clock() + self.d.settings.task_time_limit + 30
+        retry_id = str(uuid.uuid4())
+        self.d.schedule.add(retry_id, self.task, {**self.kwargs, "_meta": self.meta}, due)
+        self.log.info(
+            "mail.deferred",
+            **self.event(reply=None),
+            error="locked by a running delivery",
+            retry_at=due,
+            retry_task_id=retry_id,
+        )
+        return {"status": "deferred", "reason": "locked", "retry_task_id": retry_id}
+
+    def dead_letter(
+        self,
+        reason: str,
+        error: dict[str, Any],
+        *,
+        subset: list[str] | None = None,
+        raise_: bool = True,
+    ) -> str:
+        """Store the message (or the ``subset`` of its recipients) as dead.
+
+        Raises:
+            DeadLetteredError: when ``raise_`` (the task's message failed as a whole).
+        """
+        now = self.d._clock()
+        meta = self._next_meta(error, subset)
+        recipients = subset or meta.get("recipients") or self.summary.get("recipients")
+        record = DeadLetter(
+            id="",
+            reason=reason,  # type: ignore[arg-type]
+            task=self.task,
+            kwargs={**self.kwargs, "_meta": meta},
+            error=error,
+            transcript=self.transcript,
+            attempts=self.attempts,
+            first_attempt_at=float(meta["first_attempt_at"]),
+            last_attempt_at=now,
+            profile=self.profile,
+            task_id=self.task_id,
+            recipients=list(recipients or _rough_recipients(self.kwargs)),
+            subject=self.summary.get("subject") or _text(self.kwargs.get("subject")),
+            history=meta["history"],
+        )
+        dlq_id = self.d.dlq.add(record)
+        self.log.warning(
+            "mail.dead_lettered",
+            **self.event(reply=error.get("reply")),
+            reason=reason,
+            dlq_id=dlq_id,
+            error=error.get("message"),
+            recipients=record.recipients,
+        )
+        if raise_:
+            raise DeadLetteredError(
+                f"message dead-lettered ({reason}): {error.get('message')} [dlq id {dlq_id}]"
+            )
+        return dlq_id
+
+    def event(self, *, reply: str | None) -> dict[str, Any]:
+        """The fields every terminal event carries."""
+        return {
+            "message_id": self.message_id,
+            "attempt": self.attempts,
+            "duration_ms": round((self.d._clock() - self.started) * 1000, 1),
+            "reply": reply,
+            "transcript": self.transcript,
+        }
+
+
+def _rough_recipients(kwargs: dict[str, Any]) -> list[str]:
+    """Recipients as given, for a record of a message that could not be parsed."""
+    found: list[str] = []
+    for name in ("to", "cc", "bcc", "recipients"):
+        value = kwargs.get(name)
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        found.extend(str(v) for v in items)
+    return found
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _pin(message: EmailMessage, header: str, value: str) -> None:
+    del message[header]
+    message[header] = value
+
+
+def resolve_profile(name: str) -> Profile:
+    """The profile ``name`` from the environment (see :meth:`Profile.from_env`)."""
+    return Profile.from_env(name)
+
+
+__all__ = ["SEND_MAIL", "SEND_MESSAGE", "Delivery", "MailworkerError", "resolve_profile"]
