@@ -51,8 +51,13 @@ DeadLetterReason = Literal["invalid", "permanent", "exhausted", "poison"]
 REASONS: tuple[str, ...] = get_args(DeadLetterReason)
 
 #: ``_meta`` entries that survive a re-queue: the re-sent message keeps its
-#: Message-ID and Date and goes only to the recipients that failed.
-KEPT_META = ("message_id", "date", "recipients")
+#: Message-ID and Date, goes only to the recipients that failed, and keeps its
+#: idempotency ``key``. The key matters when only some recipients failed: theirs is
+#: ``<key>+<digest>``, while ``<key>`` itself is recorded as sent for the accepted
+#: ones, so a re-queue deriving the key from ``idempotency_key`` again would be
+#: skipped as a duplicate. Keeping it also makes two re-queues of one record
+#: deliver once.
+KEPT_META = ("key", "message_id", "date", "recipients")
 
 #: Records read or removed per Redis round trip.
 _BATCH = 500
@@ -196,9 +201,10 @@ class DeadLetter:
     def requeue_kwargs(self) -> dict[str, Any]:
         """The kwargs to re-queue with: the original ones with a fresh attempt budget.
 
-        ``_meta`` (the attempt bookkeeping) is dropped except ``message_id``, ``date``
-        and ``recipients``, so the resent message keeps its Message-ID and goes only
-        to the recipients that failed.
+        ``_meta`` (the attempt bookkeeping) is dropped except the entries in
+        :data:`KEPT_META` (``key``, ``message_id``, ``date``, ``recipients``), so the
+        resent message keeps its Message-ID and idempotency key and goes only to the
+        recipients that failed.
         """
         kwargs = {k: v for k, v in self.kwargs.items() if k != "_meta"}
         meta = self.kwargs.get("_meta")

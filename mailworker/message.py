@@ -240,6 +240,8 @@ def _split_addr_spec(spec: str) -> tuple[str, str]:
 
 def _parse_address(name: str, value: object) -> Address:
     """Parse 'a@b.example' or 'Display Name <a@b.example>' into a checked Address."""
+    if not isinstance(value, str):
+        _fail(name, f"must be an email address string, got {_type_name(value)}")
     text = _header_text(name, value).strip()
     display, spec = "", text
     if text.endswith(">") and "<" in text:

@@ -149,8 +149,9 @@ class TestRecord:
             DeadLetter.from_json(json.dumps(data))
 
     def test_requeue_kwargs_keep_identity_and_drop_attempt_budget(self) -> None:
-        """Re-queue kwargs keep message_id, date and recipients of _meta and nothing else."""
+        """Re-queue kwargs keep key, message_id, date and recipients of _meta, nothing else."""
         meta = {
+            "key": "order-17+3f2a9c1b0d4e",
             "message_id": "<m1@example.com>",
             "date": "Tue, 14 Nov 2023 22:13:20 +0000",
             "recipients": ["bob@example.com"],
@@ -162,6 +163,7 @@ class TestRecord:
             "to": ["bob@example.com"],
             "subject": "s",
             "_meta": {
+                "key": "order-17+3f2a9c1b0d4e",
                 "message_id": "<m1@example.com>",
                 "date": "Tue, 14 Nov 2023 22:13:20 +0000",
                 "recipients": ["bob@example.com"],
@@ -380,16 +382,21 @@ class TestRequeue:
         assert store.count() == 1
 
     def test_strips_attempt_budget(self, store: DeadLetterStore) -> None:
-        """The re-queued kwargs keep message_id, date and recipients of _meta only."""
-        meta = {"message_id": "<m@x>", "date": "d", "recipients": ["b@x"], "attempt": 4}
+        """The re-queued kwargs keep key, message_id, date and recipients of _meta only."""
+        meta = {"key": "k", "message_id": "<m@x>", "date": "d", "recipients": ["b@x"], "attempt": 4}
         id_ = store.add(make_record(kwargs={"to": ["b@x"], "subject": "s", "_meta": meta}))
         published: list[dict[str, Any]] = []
-        store.requeue(id_, lambda task, kwargs: published.append(kwargs) or "t")
+
+        def publish(task: str, kwargs: dict[str, Any]) -> str:
+            published.append(kwargs)
+            return "t"
+
+        store.requeue(id_, publish)
         assert published == [
             {
                 "to": ["b@x"],
                 "subject": "s",
-                "_meta": {"message_id": "<m@x>", "date": "d", "recipients": ["b@x"]},
+                "_meta": {"key": "k", "message_id": "<m@x>", "date": "d", "recipients": ["b@x"]},
             }
         ]
 

@@ -11,7 +11,6 @@ to use another one (tests do), invoke the command with a :class:`DlqHooks` as cl
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import re
 import sys
@@ -52,8 +51,9 @@ class DlqHooks:
 
 def default_publish(task_name: str, kwargs: dict[str, Any]) -> str:
     """Enqueue with ``mailworker.tasks.enqueue`` (imported now, not at CLI start-up)."""
-    tasks = importlib.import_module("mailworker.tasks")
-    return cast(Publish, tasks.enqueue)(task_name, kwargs)
+    from mailworker.tasks import enqueue  # noqa: PLC0415 - Celery only when needed
+
+    return enqueue(task_name, kwargs)
 
 
 @dataclass
@@ -315,9 +315,7 @@ def retry(
         for position, id_ in enumerate(targets):
             try:
                 task_id = store.requeue(id_, state.publish)
-            except redis.RedisError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # the broker's or Redis's; the record stays either way
                 left = len(targets) - position
                 raise click.ClickException(
                     f"re-queueing {id_} failed: {type(exc).__name__}: {exc}. "
