@@ -324,7 +324,8 @@ def _check_header(name: str, value: object) -> tuple[str, str]:
     elif lower == "sender":
         text = str(_parse_address(where, text))
     elif text.isascii():
-        longest = max((len(word) for word in text.split()), default=0)
+        # _VerbatimHeader folds only before whitespace, so its longest piece bounds a line.
+        longest = max((len(word) for word in _FOLD_WORD.findall(text)), default=0)
         if len(name) + 2 + longest > _MAX_LINE:
             _fail(where, f"a {longest}-character word makes a line longer than 998 octets")
     return name, text
@@ -672,8 +673,9 @@ def build_message(payload: MailPayload, *, message_id_domain: str | None = None)
 
     Returns:
         The message, with policy :data:`email.policy.SMTP` (or
-        :data:`email.policy.SMTPUTF8` when :attr:`MailPayload.needs_smtputf8`). Date and
-        Message-ID are added unless the payload's headers give them.
+        :data:`email.policy.SMTPUTF8` when :attr:`MailPayload.needs_smtputf8`), both with
+        ``cte_type="7bit"``. Date and Message-ID are added unless the payload's headers
+        give them.
 
     Raises:
         ValueError: ``message_id_domain`` is not a valid domain name.

@@ -150,7 +150,8 @@ class Client(smtplib.SMTP):
 
     def set_timeout(self, seconds: float) -> None:
         """The timeout of the next socket operations."""
-        if self.sock is not None:
+        # settimeout() costs a system call even when nothing changes.
+        if self.sock is not None and self.sock.gettimeout() != seconds:
             self.sock.settimeout(seconds)
 
     def start_tls(self, context: ssl.SSLContext, host: str) -> None:
