@@ -101,7 +101,7 @@ class Delivery:
             # The message was redelivered after killing its worker this many times.
             error = {"type": "Poison", "message": f"started {starts} times without finishing"}
             attempt.dead_letter("poison", error)
-        token = self.ledger.acquire(key, ttl=self.settings.task_time_limit + 30)
+        token = self.ledger.acquire(key, ttl=self.settings.lock_ttl)
         if token is None:
             return attempt.defer_locked()
         try:
@@ -315,7 +315,7 @@ class _Attempt:
     def defer_locked(self) -> dict[str, Any]:
         """Another delivery of this message is running now (a redelivery overtook it):
         look again once its lock has expired, rather than run beside it."""
-        due = self.d._clock() + self.d.settings.task_time_limit + 30
+        due = self.d._clock() + self.d.settings.lock_ttl
         retry_id = str(uuid.uuid4())
         self.d.schedule.add(retry_id, self.task, {**self.kwargs, "_meta": self.meta}, due)
         self.log.info(

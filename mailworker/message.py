@@ -43,7 +43,10 @@ from typing import Final, NoReturn
 from mailworker.errors import InvalidMessageError
 
 __all__ = [
+    "MAIL_FIELDS",
     "MAX_MESSAGE_BYTES",
+    "RAW_FIELDS",
+    "TASK_OPTIONS",
     "Attachment",
     "MailPayload",
     "RawPayload",

@@ -67,6 +67,12 @@ class Settings:
         if self.log_format not in (None, "json", "console"):
             raise ConfigError("MAILWORKER_LOG_FORMAT: use 'json' or 'console'")
 
+    @property
+    def lock_ttl(self) -> float:
+        """How long a per-message lock lives: a delivery cannot outlast the hard time
+        limit (the worker kills it), plus a little for the kill itself."""
+        return self.task_time_limit + 2
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read ``MAILWORKER_*`` variables; unset ones keep their defaults."""

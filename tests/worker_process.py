@@ -1,0 +1,286 @@
+"""A real ``mailworker worker`` subprocess for end-to-end tests, and its producer side.
+
+- :func:`worker_env` builds the worker's environment (``MAILWORKER_*`` only from the
+  arguments, never from the test process's own environment);
+- :class:`WorkerProcess` starts ``mailworker worker`` in its own process group with
+  stdout and stderr captured to one file, waits for "ready", stops it warmly (SIGTERM)
+  or kills the whole group (SIGKILL), and reads its JSON log lines back;
+- :func:`producer` configures a fresh Celery app from the same environment and makes
+  it the current app, so ``send_mail.delay(...)`` from :mod:`mailworker.tasks` publishes
+  to this test's broker. mailworker's own app reads its configuration once, at import;
+  a fresh app per test also gets a fresh broker connection pool.
+
+Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery import _state as celery_state
+
+from mailworker.celery_app import configure
+from mailworker.settings import Settings
+
+#: Settings every end-to-end test starts from (seconds): short retry delays, a task
+#: time limit below half the visibility timeout.
+BASE_SETTINGS: Mapping[str, str] = {
+    "MAILWORKER_DEFAULT_FROM": "App <app@example.com>",
+    "MAILWORKER_RETRY_DELAYS": "1,1,2",
+    "MAILWORKER_MAX_AGE": "60",
+    "MAILWORKER_VISIBILITY_TIMEOUT": "10",
+    "MAILWORKER_TASK_TIME_LIMIT": "4",
+    "MAILWORKER_LOG_FORMAT": "json",
+}
+
+
+def smtp_url(
+    port: int,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
+    scheme: str = "smtp+starttls",
+    host: str = "localhost",
+    **options: object,
+) -> str:
+    """A profile URL for a test server; user and password are percent-encoded."""
+    auth = ""
+    if user is not None:
+        auth = urllib.parse.quote(user, safe="")
+        if password is not None:
+            auth += ":" + urllib.parse.quote(password, safe="")
+        auth += "@"
+    query = dict(options)
+    if ca_file is not None:
+        query["ca_file"] = str(ca_file)
+    tail = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return f"{scheme}://{auth}{host}:{port}{tail}"
+
+
+def worker_env(broker_url: str, smtp_urls: Mapping[str, str], **settings: str) -> dict[str, str]:
+    """The worker's environment: this process's minus every ``MAILWORKER_*`` variable,
+    plus :data:`BASE_SETTINGS`, the broker, the profiles and ``settings``.
+
+    Args:
+        broker_url: ``MAILWORKER_BROKER_URL`` (also the dead-letter/idempotency store).
+        smtp_urls: profile name -> URL (``"default"`` -> ``MAILWORKER_SMTP_URL``).
+        settings: more variables, e.g. ``MAILWORKER_MAX_AGE="5"``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
+    env.update(BASE_SETTINGS)
+    env["MAILWORKER_BROKER_URL"] = broker_url
+    for name, url in smtp_urls.items():
+        suffix = "" if name == "default" else "_" + name.upper()
+        env[f"MAILWORKER_SMTP_URL{suffix}"] = url
+    env.update(settings)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def mailworker_executable() -> str:
+    """The ``mailworker`` console script of the running interpreter's environment."""
+    beside = Path(sys.executable).parent / "mailworker"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mailworker")
+    if found is None:
+        raise FileNotFoundError("no mailworker executable; pip install -e . first")
+    return found
+
+
+class WorkerProcess:
+    """``mailworker worker --pool prefork`` in its own process group.
+
+    stdout and stderr go to :attr:`log_path` (appended to, so a restarted worker
+    keeps one file per test when given the same path).
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: str | os.PathLike[str],
+        *,
+        concurrency: int = 2,
+        name: str = "mw",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.env = dict(env)
+        self.log_path = Path(log_path)
+        self.concurrency = concurrency
+        self.name = name
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    @property
+    def pid(self) -> int:
+        """The main process id (also the process group id)."""
+        assert self.process is not None, "the worker is not started"
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the main process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        """Start the worker and wait for Celery's "ready" line in its output.
+
+        Raises:
+            RuntimeError: the worker exited or was not ready in ``timeout`` seconds
+                (its output is in the message).
+        """
+        if self.running:
+            raise RuntimeError("the worker is already running")
+        command = [
+            mailworker_executable(),
+            "worker",
+            "--pool", "prefork",
+            "--concurrency", str(self.concurrency),
+            "--loglevel", "INFO",
+            "--hostname", f"{self.name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            *self.extra_args,
+        ]  # fmt: skip
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.output_bytes(since_start=True):
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited with {self.process.returncode} before it was ready:\n"
+                    + self.output(since_start=True)[-4000:]
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(
+                    f"worker not ready after {timeout}s:\n" + self.output(since_start=True)[-4000:]
+                )
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """Warm shutdown: SIGTERM to the main process, wait for the whole group.
+
+        Returns:
+            The main process's exit status.
+
+        Raises:
+            RuntimeError: it did not exit in ``timeout`` seconds (it is killed then).
+        """
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise RuntimeError(f"worker did not stop within {timeout}s of SIGTERM") from None
+        self._wait_for_group(timeout)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (main process and pool children) and reap it."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._wait_for_group(10.0)
+
+    def _wait_for_group(self, timeout: float) -> None:
+        """Wait until no process of the worker's group is left (children exit after
+        their parent; a killed group's children are reaped by init)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def output_bytes(self, *, since_start: bool = False) -> bytes:
+        """Everything the worker wrote so far (stdout and stderr interleaved)."""
+        if not self.log_path.exists():
+            return b""
+        data = self.log_path.read_bytes()
+        return data[self._log_start :] if since_start else data
+
+    def output(self, *, since_start: bool = False) -> str:
+        """:meth:`output_bytes` decoded (invalid bytes replaced)."""
+        return self.output_bytes(since_start=since_start).decode("utf-8", "replace")
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The structlog JSON lines of the log file, optionally only event ``name``."""
+        return [e for e in json_lines(self.output()) if name is None or e.get("event") == name]
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.running:
+            try:
+                self.stop()
+            except RuntimeError:
+                self.kill()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of ``text`` that is a JSON object (others are skipped)."""
+    events = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                events.append(value)
+    return events
+
+
+@contextlib.contextmanager
+def producer(env: Mapping[str, str]) -> Iterator[Celery]:
+    """A Celery app configured from ``env`` exactly as the worker's, made current.
+
+    Inside the block ``mailworker.tasks.send_mail.delay(...)`` (a shared task, resolved
+    through the current app) publishes to ``env``'s broker, and results come back from
+    it. The previous current app is restored and the app's connections are closed after.
+    """
+    import mailworker.tasks  # noqa: F401, PLC0415 -- registers the shared tasks
+
+    app = Celery("mailworker-test-producer", set_as_current=False)
+    configure(app, Settings.from_env(env))
+    previous = celery_state.get_current_app()
+    app.set_current()
+    try:
+        yield app
+    finally:
+        previous.set_current()
+        app.close()
