@@ -26,13 +26,15 @@ def normalise_line_endings(message: bytes) -> bytes:
     return data
 
 
-def dot_stuff(message: bytes) -> bytes:
+def dot_stuff(message: bytes, *, normalised: bool = False) -> bytes:
     """The DATA payload for ``message``, ending with ``<CRLF>.<CRLF>``.
 
-    Line endings are normalised first, so after it only CRLF separates lines and
-    ``^.`` in ``MULTILINE`` mode matches exactly the starts of SMTP lines.
+    Line endings are normalised first (unless ``normalised`` says they already
+    are), so only CRLF separates lines and ``^.`` in ``MULTILINE`` mode matches
+    exactly the starts of SMTP lines.
     """
-    return _LEADING_DOT.sub(b"..", normalise_line_endings(message)) + END_OF_DATA
+    data = message if normalised else normalise_line_endings(message)
+    return _LEADING_DOT.sub(b"..", data) + END_OF_DATA
 
 
 def is_8bit(message: bytes) -> bool:

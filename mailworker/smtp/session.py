@@ -30,7 +30,7 @@ from mailworker.errors import (
 )
 from mailworker.smtp import auth
 from mailworker.smtp._client import Client
-from mailworker.smtp.body import dot_stuff, is_8bit
+from mailworker.smtp.body import dot_stuff, is_8bit, normalise_line_endings
 from mailworker.smtp.envelope import Envelope, exchange
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import SendResult
@@ -258,8 +258,11 @@ class SMTPSession:
             SMTPRecipientsRefused: no recipient was accepted.
             SMTPError: any other failure, with ``stage`` and ``is_transient``.
         """
+        if not isinstance(message, (bytes, bytearray)):
+            raise InvalidMessageError("message", "must be bytes")
+        message = normalise_line_endings(bytes(message))
         envelope = self._envelope(envelope_from, recipients, message)
-        payload = dot_stuff(message)
+        payload = dot_stuff(message, normalised=True)
         fresh = self._ensure_ready()
         try:
             return self._transaction(envelope, payload)
@@ -288,8 +291,6 @@ class SMTPSession:
                 )
             if address == "" and name != "envelope_from":
                 raise InvalidMessageError(name, "empty address")
-        if not isinstance(message, (bytes, bytearray)):
-            raise InvalidMessageError("message", "must be bytes")
         return Envelope(
             sender=sender,
             recipients=tuple(recipients),
