@@ -59,6 +59,8 @@ class Client(smtplib.SMTP):
     ) -> None:
         self.transcript = Transcript()
         self.last_reply = Reply(-1, ())
+        #: True while message content is being written (a QUIT now would join it).
+        self.in_content = False
         self._reply_lines: list[bytes] = []
         self._redacting = False
         self._greeting_timeout = greeting_timeout
@@ -142,10 +144,12 @@ class Client(smtplib.SMTP):
         """Write dot-stuffed message content, each block under its own timeout."""
         self.transcript.client(f"<message content, {size} bytes>")
         assert self.sock is not None
-        self.sock.settimeout(timeout)
+        self.set_timeout(timeout)
         view = memoryview(payload)
+        self.in_content = True
         for start in range(0, len(view), _BLOCK):
             self.sock.sendall(view[start : start + _BLOCK])
+        self.in_content = False
         self.transcript.client(".")
 
     def set_timeout(self, seconds: float) -> None:

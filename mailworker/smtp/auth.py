@@ -2,21 +2,27 @@
 
 smtplib's ``login()`` tries every mechanism in turn, which triples the cost of
 a wrong password against a server that delays failures; we pick one, the first
-of the profile's preference that the server offers, and use smtplib's
-``auth()`` loop with our own answer functions.
+of the profile's preference that the server offers, and try only that.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from collections.abc import Callable, Sequence
 
 from mailworker.config import Profile
 from mailworker.errors import SMTPNotSupportedError
+from mailworker.smtp._client import Client
+from mailworker.smtp.reply import Reply
 
-#: smtplib's authobject protocol: called with None for the initial response
-#: (return None if the mechanism has none), then with each decoded challenge.
-AuthObject = Callable[..., "str | None"]
+#: Answers the server: called with None for the initial response (returns None
+#: when the mechanism has none), then with each decoded challenge.
+AuthObject = Callable[[bytes | None], "bytes | None"]
+
+#: More challenges than any mechanism we speak needs: the server is looping.
+_MAX_CHALLENGES = 5
 
 
 def choose_mechanism(profile: Profile, offered: Sequence[str]) -> str:
@@ -43,15 +49,46 @@ def choose_mechanism(profile: Profile, offered: Sequence[str]) -> str:
     )
 
 
+def authenticate(client: Client, mechanism: str, profile: Profile) -> Reply:
+    """Run the AUTH exchange (RFC 4954) and return the server's final reply.
+
+    smtplib's ``auth()`` encodes answers as ASCII, so a non-ASCII password fails
+    there with an exception that quotes it; SASL wants UTF-8 (RFC 4616), and the
+    exchange is short enough to run here.
+    """
+    answer, initial = authobject(mechanism, profile)
+    first = answer(None) if initial else None
+    if first is None:
+        reply = client.command(f"AUTH {mechanism}")
+    else:
+        # RFC 4954 §4: an empty initial response is sent as "=".
+        reply = client.command(f"AUTH {mechanism} {_b64(first) or '='}")
+    for _ in range(_MAX_CHALLENGES):
+        if reply.code != 334:
+            return reply
+        try:
+            challenge = base64.b64decode(reply.text.strip(), validate=True)
+        except binascii.Error:
+            challenge = b""
+        reply = client.command(_b64(answer(challenge) or b""))
+    client.command("*")  # cancel the exchange (RFC 4954 §4)
+    return client.last_reply
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def authobject(mechanism: str, profile: Profile) -> tuple[AuthObject, bool]:
     """The answer function for ``mechanism`` and whether it sends an initial response."""
-    user = profile.username or ""
+    user = (profile.username or "").encode("utf-8")
     if mechanism == "XOAUTH2":
         assert profile.oauth_token_provider is not None
-        return _xoauth2(user, profile.oauth_token_provider()), True
-    password = profile.password or ""
+        token = profile.oauth_token_provider().encode("utf-8")
+        return _xoauth2(user, token), True
+    password = (profile.password or "").encode("utf-8")
     if mechanism == "PLAIN":
-        return (lambda challenge=None: f"\0{user}\0{password}"), True
+        return (lambda _challenge: b"\0" + user + b"\0" + password), True
     if mechanism == "CRAM-MD5":
         return _cram_md5(user, password), False
     if mechanism == "LOGIN":
@@ -59,38 +96,37 @@ def authobject(mechanism: str, profile: Profile) -> tuple[AuthObject, bool]:
     raise ValueError(f"unsupported AUTH mechanism {mechanism!r}")
 
 
-def _cram_md5(user: str, password: str) -> AuthObject:
-    def answer(challenge: bytes | None = None) -> str | None:
+def _cram_md5(user: bytes, password: bytes) -> AuthObject:
+    def answer(challenge: bytes | None) -> bytes | None:
         if challenge is None:
             return None
-        digest = hmac.HMAC(password.encode("utf-8"), challenge, "md5").hexdigest()
-        return f"{user} {digest}"
+        return user + b" " + hmac.HMAC(password, challenge, "md5").hexdigest().encode("ascii")
 
     return answer
 
 
-def _login(user: str, password: str) -> AuthObject:
-    # The server asks for the user name, then the password (RFC draft-murchison-sasl-login).
+def _login(user: bytes, password: bytes) -> AuthObject:
+    # The server asks for the user name, then the password (draft-murchison-sasl-login).
     answers = iter((user, password))
 
-    def answer(challenge: bytes | None = None) -> str | None:
+    def answer(challenge: bytes | None) -> bytes | None:
         if challenge is None:
             return None
-        return next(answers, "")
+        return next(answers, b"")
 
     return answer
 
 
-def _xoauth2(user: str, token: str) -> AuthObject:
+def _xoauth2(user: bytes, token: bytes) -> AuthObject:
     sent = False
 
-    def answer(challenge: bytes | None = None) -> str | None:
+    def answer(challenge: bytes | None) -> bytes | None:
         nonlocal sent
         if not sent:
             sent = True
-            return f"user={user}\x01auth=Bearer {token}\x01\x01"
+            return b"user=" + user + b"\x01auth=Bearer " + token + b"\x01\x01"
         # A 334 after our token carries a JSON error; the protocol wants an empty
         # line back, after which the server sends its final 5xx.
-        return ""
+        return b""
 
     return answer

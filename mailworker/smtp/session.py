@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
@@ -228,15 +228,19 @@ class SMTPSession:
             mechanism = auth.choose_mechanism(self.profile, offered)
         except SMTPNotSupportedError as exc:
             raise self._fail(SMTPNotSupportedError, exc.message, "auth") from None
-        answer, initial = auth.authobject(mechanism, self.profile)
         with self._stage("auth"), client.redacting():
             try:
-                client.auth(mechanism, cast(Any, answer), initial_response_ok=initial)
-            except smtplib.SMTPAuthenticationError:
-                reply = client.last_reply
+                reply = auth.authenticate(client, mechanism, self.profile)
+            except (OSError, smtplib.SMTPException, SMTPError):
+                raise
+            except Exception as exc:
+                # Whatever else went wrong may quote the credentials: say what, not how.
                 raise self._fail(
-                    SMTPAuthError, f"server refused AUTH {mechanism}", "auth", reply
+                    SMTPAuthError, f"AUTH {mechanism} failed: {type(exc).__name__}", "auth"
                 ) from None
+        # 503: already authenticated (a server that kept the state) is fine.
+        if reply.code not in (235, 503):
+            raise self._fail(SMTPAuthError, f"server refused AUTH {mechanism}", "auth", reply)
         return mechanism
 
     # -- sending ---------------------------------------------------------------
@@ -451,8 +455,11 @@ class SMTPSession:
             if error is None:
                 raise
             error.transcript = self.transcript.as_strings()
-            # After a timeout or garbage the socket may be open: still say QUIT.
-            self._drop(send_quit=isinstance(error, (SMTPTimeoutError, SMTPProtocolError)))
+            # After a timeout or garbage the socket may be open: still say QUIT —
+            # unless we stopped inside the message content, where QUIT would be
+            # read as one more line of it.
+            stuck = isinstance(error, (SMTPTimeoutError, SMTPProtocolError))
+            self._drop(send_quit=stuck and not (client is not None and client.in_content))
             raise error from exc
 
 

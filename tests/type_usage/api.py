@@ -37,3 +37,10 @@ def classify(exc: MailworkerError) -> str:
 
 def from_env() -> Profile:
     return Profile.from_env("bulk", {"MAILWORKER_SMTP_URL_BULK": "smtp://relay.internal:25"})
+
+
+def enqueue_welcome(address: str) -> str:
+    from mailworker import send_mail
+
+    result = send_mail.delay(to=address, subject="Welcome", text="Hi", html="<p>Hi</p>")
+    return str(result.id)
