@@ -283,7 +283,7 @@ class _Attempt:
         self.d.schedule.add(retry_id, self.task, kwargs, due)
         self.log.info(
             "mail.deferred",
-            **self.event(reply=error.get("reply")),
+            **self.event(reply=_reply_line(error)),
             error=error.get("message"),
             delay=round(due - now, 3),
             retry_at=due,
@@ -362,7 +362,7 @@ class _Attempt:
         dlq_id = self.d.dlq.add(record)
         self.log.warning(
             "mail.dead_lettered",
-            **self.event(reply=error.get("reply")),
+            **self.event(reply=_reply_line(error)),
             reason=reason,
             dlq_id=dlq_id,
             error=error.get("message"),
@@ -383,6 +383,14 @@ class _Attempt:
             "reply": reply,
             "transcript": self.transcript,
         }
+
+
+def _reply_line(error: dict[str, Any]) -> str | None:
+    """The server's reply as it was sent, code first (``451 4.2.0 try later``)."""
+    code, text = error.get("code"), error.get("reply")
+    if code is None:
+        return text or None
+    return f"{code} {text or ''}".rstrip()
 
 
 def _rough_recipients(kwargs: dict[str, Any]) -> list[str]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from mailworker.cli.check import check
+from mailworker.cli.dev import demo, devserver
 from mailworker.cli.dlq import dlq
+from mailworker.cli.send import send
 from mailworker.cli.worker import worker
 
 
@@ -15,3 +18,7 @@ def main() -> None:
 
 main.add_command(dlq)
 main.add_command(worker)
+main.add_command(check)
+main.add_command(send)
+main.add_command(devserver)
+main.add_command(demo)

@@ -190,5 +190,16 @@ class Client(smtplib.SMTP):
         }
 
 
+#: The usual short names of distinguished-name attributes.
+_DN_SHORT = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+}
+
+
 def _dn(rdns: Any) -> str:
-    return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+    return ", ".join(f"{_DN_SHORT.get(k, k)}={v}" for rdn in rdns for k, v in rdn)
