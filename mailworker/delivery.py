@@ -194,7 +194,11 @@ class _Attempt:
         payload = MailPayload.from_task_kwargs(fields, default_from=self.d.settings.default_from)
         self.d.pool.get(self.profile)
         message = build_message(payload)
-        # Every attempt of a message sends the same Message-ID and Date.
+        # Every attempt of a message sends the same Message-ID and Date; the id is
+        # derived from the message key, so even a redelivery that lost its retry
+        # state (a worker killed after the server's 250) repeats it.
+        if payload.header("Message-ID") is None:
+            self.meta.setdefault("message_id", _message_id(self.meta["key"], payload.envelope_from))
         _pin(message, "Message-ID", self.meta.setdefault("message_id", message["Message-ID"]))
         _pin(message, "Date", self.meta.setdefault("date", message["Date"]))
         return Prepared(
@@ -383,6 +387,13 @@ class _Attempt:
             "reply": reply,
             "transcript": self.transcript,
         }
+
+
+def _message_id(key: str, sender: str) -> str:
+    """A Message-ID that depends only on the message key and the sender's domain."""
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+    domain = sender.rpartition("@")[2] or "mailworker.invalid"
+    return f"<{digest}@{domain}>"
 
 
 def _reply_line(error: dict[str, Any]) -> str | None:

@@ -202,6 +202,9 @@ def _adopt_default_app() -> None:
     if getattr(celery_state, "default_app", None) is None and (
         getattr(tls, "current_app", None) is None
     ):
+        # set_current() is per thread; the default app is what other threads
+        # (a web server's request threads) fall back to.
+        celery_app.set_default()
         celery_app.set_current()
 
 

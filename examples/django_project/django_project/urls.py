@@ -1,0 +1,9 @@
+"""URLs of the example project."""
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("welcome/", views.welcome, name="welcome"),
+]

@@ -1,0 +1,126 @@
+"""``EMAIL_BACKEND = "mailworker.contrib.django.EmailBackend"``: Django's mail, queued.
+
+Every ``django.core.mail`` path ends in :meth:`EmailBackend.send_messages`, which queues one
+``mailworker.send_message`` task per message. The task carries the message exactly as
+Django's SMTP backend would put it on the wire — ``message.message().as_bytes(linesep="\\r\\n")``
+— and the same envelope (``sanitize_address``, then the bare address smtplib sends), so
+the server receives the same bytes; only the transport differs (a held-open session,
+retries, dead letters).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import smtplib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from mailworker.contrib import PublishError
+from mailworker.contrib.django import conf
+from mailworker.delivery import SEND_MESSAGE
+from mailworker.message import RawPayload
+
+if TYPE_CHECKING:  # Django has no type information; its classes are opaque to mypy.
+    _BaseEmailBackend = object
+else:
+    _BaseEmailBackend = importlib.import_module("django.core.mail.backends.base").BaseEmailBackend
+
+__all__ = ["EmailBackend", "task_kwargs"]
+
+
+def _bare(address: str) -> str:
+    """The address smtplib puts in ``MAIL FROM:<...>`` / ``RCPT TO:<...>`` for ``address``."""
+    quoted = smtplib.quoteaddr(address)
+    return quoted[1:-1] if quoted.startswith("<") and quoted.endswith(">") else quoted
+
+
+def task_kwargs(message: Any, profile: str = "default") -> dict[str, Any] | None:
+    """The ``send_message`` arguments for a Django ``EmailMessage``; None if it has no recipients.
+
+    Raises:
+        InvalidMessageError: the message cannot be sent (e.g. larger than 25 MiB).
+        ValueError: Django refuses an address (as its SMTP backend would).
+    """
+    if not message.recipients():
+        return None
+    settings = importlib.import_module("django.conf").settings
+    sanitize_address = importlib.import_module("django.core.mail.message").sanitize_address
+    # As django.core.mail.backends.smtp.EmailBackend._send does:
+    encoding = message.encoding or settings.DEFAULT_CHARSET
+    from_email = sanitize_address(message.from_email, encoding)
+    recipients = [sanitize_address(addr, encoding) for addr in message.recipients()]
+    data: bytes = message.message().as_bytes(linesep="\r\n")
+    # Checked here, so a bad message fails in the caller instead of in the dead-letter store.
+    payload = RawPayload(
+        message=data,
+        envelope_from=_bare(from_email),
+        recipients=tuple(_bare(r) for r in recipients),
+    )
+    return {
+        "raw_b64": base64.b64encode(data).decode("ascii"),
+        "envelope_from": payload.envelope_from,
+        "recipients": list(payload.recipients),
+        "profile": profile,
+    }
+
+
+class EmailBackend(_BaseEmailBackend):
+    """A Django email backend that queues each message for ``mailworker worker``.
+
+    Use it for all mail with ``EMAIL_BACKEND = "mailworker.contrib.django.EmailBackend"``,
+    or for some with ``get_connection("mailworker.contrib.django.EmailBackend",
+    profile="bulk")``. After a message is queued, its task id is in
+    ``message.mailworker_task_id``.
+
+    Args:
+        fail_silently: if the broker is unreachable, return the number queued so far
+            instead of raising :class:`~mailworker.contrib.PublishError`. Invalid messages
+            and settings always raise.
+        profile: the worker's SMTP profile for these messages (default
+            ``MAILWORKER["PROFILE"]``, else ``"default"``).
+        queue: the Celery queue (default ``MAILWORKER["QUEUE"]``).
+        kwargs: other ``get_connection()`` arguments (``host``, ``port``, ...) are
+            accepted and ignored: the worker's profile decides where mail goes.
+    """
+
+    def __init__(
+        self,
+        fail_silently: bool = False,
+        *,
+        profile: str | None = None,
+        queue: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # BaseEmailBackend.__init__ only stores fail_silently.
+        self.fail_silently = fail_silently
+        self.profile = profile
+        self.queue = queue
+
+    def send_messages(self, email_messages: Sequence[Any]) -> int:
+        """Queue every message that has recipients; return how many were queued.
+
+        Raises:
+            PublishError: the broker is unreachable (unless ``fail_silently``).
+            ConfigError: ``settings.MAILWORKER`` is malformed (the message names the key).
+            InvalidMessageError: a message cannot be sent.
+        """
+        if not email_messages:
+            return 0
+        producer = conf.producer(queue=self.queue)
+        profile = self.profile or conf.profile_name()
+        queued = 0
+        for message in email_messages:
+            kwargs = task_kwargs(message, profile)
+            if kwargs is None:
+                continue
+            try:
+                result = producer.publish(SEND_MESSAGE, kwargs, store_result=False)
+            except PublishError:
+                if self.fail_silently:
+                    # The broker is down: the rest would wait for it and fail the same way.
+                    return queued
+                raise
+            message.mailworker_task_id = result.id
+            queued += 1
+        return queued
