@@ -663,6 +663,9 @@ class _RecordingSMTP(SMTP):
             self._original_transport, asyncio.Transport
         ):
             self._original_transport.abort()
+        # asyncio does not report the loss of a connection still in its TLS
+        # handshake to the protocol, so connection_lost() may never run for it.
+        self.owner._active.discard(self)
 
     async def push(self, status: AnyStr) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status

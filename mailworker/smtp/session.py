@@ -228,16 +228,19 @@ class SMTPSession:
             mechanism = auth.choose_mechanism(self.profile, offered)
         except SMTPNotSupportedError as exc:
             raise self._fail(SMTPNotSupportedError, exc.message, "auth") from None
+        failure: Exception | None = None
         with self._stage("auth"), client.redacting():
             try:
                 reply = auth.authenticate(client, mechanism, self.profile)
             except (OSError, smtplib.SMTPException, SMTPError):
                 raise
-            except Exception as exc:
-                # Whatever else went wrong may quote the credentials: say what, not how.
-                raise self._fail(
-                    SMTPAuthError, f"AUTH {mechanism} failed: {type(exc).__name__}", "auth"
-                ) from None
+            except Exception as exc:  # reported below without its text
+                failure = exc
+        if failure is not None:
+            # Whatever else went wrong may quote the credentials: say what, not how.
+            raise self._fail(
+                SMTPAuthError, f"AUTH {mechanism} failed: {type(failure).__name__}", "auth"
+            ) from None
         # 503: already authenticated (a server that kept the state) is fine.
         if reply.code not in (235, 503):
             raise self._fail(SMTPAuthError, f"server refused AUTH {mechanism}", "auth", reply)
@@ -267,7 +270,8 @@ class SMTPSession:
         message = normalise_line_endings(bytes(message))
         envelope = self._envelope(envelope_from, recipients, message)
         payload = dot_stuff(message, normalised=True)
-        fresh = self._ensure_ready()
+        # A session that has sent nothing yet was just opened (here or by connect()).
+        fresh = self._ensure_ready() or self._sent == 0
         try:
             return self._transaction(envelope, payload)
         except (SMTPServerDisconnected, SMTPReplyError) as exc:

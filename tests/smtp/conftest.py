@@ -1,0 +1,56 @@
+"""Fixtures for the SMTP session tests: profiles pointing at the test servers."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from mailworker import Profile
+from tests.servers import DEFAULT_PASSWORD, DEFAULT_USER, ScriptedServer, SMTPServer, TLSMaterials
+from tests.smtp.helpers import ProfileFactory
+
+
+@pytest.fixture
+def make_profile(tls_ca: TLSMaterials) -> ProfileFactory:
+    """Factory: ``make_profile(server, scheme="smtps", **options)`` builds a Profile via a URL.
+
+    TLS schemes get the test CA and the default credentials unless told otherwise
+    (``credentials=False``, ``user=``, ``password=``, ``token=`` for XOAUTH2);
+    ``smtp://`` gets no credentials. Query options (``timeout`` defaults to 5) are
+    URL-encoded; the host is ``localhost`` so certificates can be checked.
+    """
+
+    def build(
+        server: SMTPServer | ScriptedServer | int,
+        scheme: str = "smtps",
+        *,
+        credentials: bool | None = None,
+        user: str = DEFAULT_USER,
+        password: str | None = DEFAULT_PASSWORD,
+        token: str | None = None,
+        host: str = "localhost",
+        **options: Any,
+    ) -> Profile:
+        port = server if isinstance(server, int) else server.port
+        if credentials is None:
+            credentials = scheme != "smtp"
+        userinfo = ""
+        if credentials:
+            userinfo = quote(user, safe="")
+            if password is not None and token is None:
+                userinfo += ":" + quote(password, safe="")
+            userinfo += "@"
+        options.setdefault("timeout", 5)
+        if scheme != "smtp":
+            options.setdefault("ca_file", str(tls_ca.ca_file))
+        query = urlencode(
+            {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in options.items()}
+        )
+        provider = (lambda: token) if token is not None else None
+        return Profile.from_url(
+            f"{scheme}://{userinfo}{host}:{port}?{query}", oauth_token_provider=provider
+        )
+
+    return build
