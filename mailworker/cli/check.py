@@ -21,15 +21,6 @@ from mailworker.smtp.transcript import TranscriptLine
 
 #: Width of the label column.
 _LABEL = 14
-#: Short forms of the attribute names Python's ``getpeercert()`` spells out.
-_DN_SHORT = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-}
 
 
 def load_profile(name: str) -> Profile:
@@ -89,14 +80,6 @@ def merged(*transcripts: Sequence[TranscriptLine]) -> list[TranscriptLine]:
     return sorted((line for t in transcripts for line in t), key=lambda line: line.at)
 
 
-def short_dn(dn: object) -> str:
-    """``organizationName=X, commonName=Y`` as ``O=X, CN=Y``."""
-    text = str(dn or "none")
-    for long, short in _DN_SHORT.items():
-        text = text.replace(f"{long}=", f"{short}=")
-    return text
-
-
 def describe_tls(tls: dict[str, Any], profile: Profile) -> None:
     """Print TLS version, cipher and the certificate's subject, issuer and expiry."""
     if not tls:
@@ -115,8 +98,8 @@ def describe_tls(tls: dict[str, Any], profile: Profile) -> None:
     )
     echo_field(
         "Certificate",
-        f"{where}\nsubject: {short_dn(tls.get('cert_subject'))}\n"
-        f"issuer:  {short_dn(tls.get('cert_issuer'))}\n"
+        f"{where}\nsubject: {tls.get('cert_subject') or 'none'}\n"
+        f"issuer:  {tls.get('cert_issuer') or 'none'}\n"
         f"expires: {expiry}",
     )
 
