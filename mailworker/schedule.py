@@ -105,14 +105,26 @@ Publisher = Callable[[ScheduledTask], None]
 
 
 class RetryMover:
-    """A daemon thread that moves due retries onto the Celery queue."""
+    """A daemon thread that moves due retries onto the Celery queue.
+
+    ``housekeeping`` (e.g. pruning the dead-letter store) runs every
+    ``housekeeping_interval`` seconds on the same thread.
+    """
 
     def __init__(
-        self, schedule: RetrySchedule, publish: Publisher, *, interval: float = 1.0
+        self,
+        schedule: RetrySchedule,
+        publish: Publisher,
+        *,
+        interval: float = 1.0,
+        housekeeping: Callable[[], object] | None = None,
+        housekeeping_interval: float = 600.0,
     ) -> None:
         self._schedule = schedule
         self._publish = publish
         self._interval = interval
+        self._housekeeping = housekeeping
+        self._housekeeping_interval = housekeeping_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,9 +151,13 @@ class RetryMover:
         return moved
 
     def _run(self) -> None:
+        next_housekeeping = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.move_due()
+                if self._housekeeping is not None and time.monotonic() >= next_housekeeping:
+                    next_housekeeping = time.monotonic() + self._housekeeping_interval
+                    self._housekeeping()
             except Exception as exc:  # a Redis or broker outage must not kill the thread
                 log.warning("retry.mover_failed", error=f"{type(exc).__name__}: {exc}")
             self._stop.wait(self._interval)

@@ -21,6 +21,7 @@ from celery.exceptions import Reject
 
 from mailworker.celery_app import app as celery_app
 from mailworker.config import Profile
+from mailworker.deadletter import DeadLetterStore
 from mailworker.delivery import SEND_MAIL, SEND_MESSAGE, Delivery
 from mailworker.errors import DeadLetteredError
 from mailworker.schedule import RetryMover, RetrySchedule, ScheduledTask
@@ -179,12 +180,14 @@ def _start_mover(sender: Any = None, **_: Any) -> None:
     if app is None:
         return
     settings = Settings.from_env()
-    schedule = RetrySchedule(redis.Redis.from_url(settings.redis_url))
+    client = redis.Redis.from_url(settings.redis_url)
+    dlq = DeadLetterStore(client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
 
     def publish(task: ScheduledTask) -> None:
         app.send_task(task.task, kwargs=task.kwargs, task_id=task.id)
 
-    _state.mover = RetryMover(schedule, publish)
+    # Records past MAILWORKER_DLQ_TTL go even when no new dead letter arrives.
+    _state.mover = RetryMover(RetrySchedule(client), publish, housekeeping=dlq.prune)
     _state.mover.start()
 
 
