@@ -21,7 +21,14 @@ def configure(app: Celery, settings: Settings | None = None) -> Celery:
       ``visibility_timeout``: a message is never redelivered while it still runs.
     """
     settings = settings or Settings.from_env()
-    transport = {"visibility_timeout": int(settings.visibility_timeout)}
+    transport = {
+        "visibility_timeout": int(settings.visibility_timeout),
+        # kombu looks for unacknowledged messages every interval x throttle seconds
+        # (10 x 10 by default): without this a killed worker's messages come back up
+        # to 100 s after the visibility timeout instead of within it.
+        "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout / 5))),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,

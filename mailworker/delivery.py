@@ -74,7 +74,10 @@ class Delivery:
         pool: SessionPool,
         *,
         clock: Callable[[], float] = time.time,
+        interrupts: tuple[type[BaseException], ...] = (),
     ) -> None:
+        #: Exceptions that cut a delivery short from outside (Celery's soft time limit).
+        self.interrupts = interrupts
         self.settings = settings
         self.pool = pool
         self.ledger = Ledger(redis_client)
@@ -166,6 +169,13 @@ class _Attempt:
         except SMTPError as exc:
             self.transcript = exc.transcript
             return self.failed(exc, prepared)
+        except self.d.interrupts as exc:
+            # Cut off mid-exchange: the server's late reply would answer the next
+            # message's command, so the session goes without QUIT; the message waits
+            # for a delayed retry.
+            self.d.pool.discard(self.profile, send_quit=False)
+            error = {"type": type(exc).__name__, "message": "task time limit reached"}
+            return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
         self.transcript = [str(line) for line in result.transcript]
         self.after_partial(result, prepared)
         self.log.info(

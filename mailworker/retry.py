@@ -61,7 +61,7 @@ class RetryPolicy:
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.inprocess_attempts)
             | tenacity.stop_after_delay(self.inprocess_max_wait),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=1.5, jitter=0.2),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=1.5) + tenacity.wait_random(0, 0.2),
             retry=tenacity.retry_if_exception(retry_now),
             before_sleep=lambda _state: before_retry(),
             reraise=True,

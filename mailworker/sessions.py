@@ -39,12 +39,16 @@ class SessionPool:
                 self._sessions[key] = session
         return session
 
-    def discard(self, profile_name: str) -> None:
-        """Close this thread's session (QUIT if possible); the next get() reconnects."""
+    def discard(self, profile_name: str, *, send_quit: bool = True) -> None:
+        """Close this thread's session (QUIT if possible and ``send_quit``); the next
+        get() reconnects."""
         with self._lock:
             session = self._sessions.pop((threading.get_ident(), profile_name), None)
         if session is not None:
-            session.close()
+            if send_quit:
+                session.close()
+            else:
+                session.abort()
 
     def close_all(self) -> int:
         """QUIT every session of this process; returns how many were open."""

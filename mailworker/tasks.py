@@ -17,7 +17,7 @@ import redis
 import structlog
 from celery import Task, current_app, shared_task, signals
 from celery import _state as celery_state
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from mailworker.celery_app import app as celery_app
 from mailworker.config import Profile
@@ -58,7 +58,9 @@ def delivery() -> Delivery:
         if _state.delivery is None or _state.pid != os.getpid():
             settings = Settings.from_env()
             client = redis.Redis.from_url(settings.redis_url)
-            _state.delivery = Delivery(settings, client, SessionPool(_profile))
+            _state.delivery = Delivery(
+                settings, client, SessionPool(_profile), interrupts=(SoftTimeLimitExceeded,)
+            )
             _state.pid = os.getpid()
         return _state.delivery
 

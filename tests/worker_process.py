@@ -104,8 +104,9 @@ def mailworker_executable() -> str:
 class WorkerProcess:
     """``mailworker worker --pool prefork`` in its own process group.
 
-    stdout and stderr go to :attr:`log_path` (appended to, so a restarted worker
-    keeps one file per test when given the same path).
+    stdout and stderr go to :attr:`log_path`, or stderr alone to :attr:`stderr_path`
+    when one is given (Celery prints its banner on stdout, logs on stderr). Files are
+    appended to, so a worker started again with the same paths keeps one record.
     """
 
     def __init__(
@@ -113,17 +114,19 @@ class WorkerProcess:
         env: Mapping[str, str],
         log_path: str | os.PathLike[str],
         *,
+        stderr_path: str | os.PathLike[str] | None = None,
         concurrency: int = 2,
         name: str = "mw",
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.env = dict(env)
         self.log_path = Path(log_path)
+        self.stderr_path = Path(stderr_path) if stderr_path is not None else None
         self.concurrency = concurrency
         self.name = name
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
+        self._starts: dict[Path, int] = {}
 
     @property
     def pid(self) -> int:
@@ -157,14 +160,18 @@ class WorkerProcess:
             "--without-heartbeat",
             *self.extra_args,
         ]  # fmt: skip
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
+        self._starts = {p: _size(p) for p in self._paths()}
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(self.log_path.open("ab"))
+            err: Any = subprocess.STDOUT
+            if self.stderr_path is not None:
+                err = files.enter_context(self.stderr_path.open("ab"))
             self.process = subprocess.Popen(
                 command,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=err,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
@@ -213,25 +220,34 @@ class WorkerProcess:
         self._wait_for_group(10.0)
 
     def _wait_for_group(self, timeout: float) -> None:
-        """Wait until no process of the worker's group is left (children exit after
-        their parent; a killed group's children are reaped by init)."""
+        """Wait until no live process of the worker's group is left (pool children
+        exit after their parent; a killed group's children are reaped by init)."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.killpg(self.process.pid, 0)
-            except ProcessLookupError:
+            if not _live_group_members(self.process.pid):
                 return
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
 
+    def _paths(self) -> list[Path]:
+        return [self.log_path] + ([self.stderr_path] if self.stderr_path is not None else [])
+
     def output_bytes(self, *, since_start: bool = False) -> bytes:
-        """Everything the worker wrote so far (stdout and stderr interleaved)."""
-        if not self.log_path.exists():
-            return b""
-        data = self.log_path.read_bytes()
-        return data[self._log_start :] if since_start else data
+        """Every byte the worker wrote so far: the log file, then the stderr file if
+        separate; ``since_start``: only what the latest :meth:`start` wrote."""
+        chunks = []
+        for path in self._paths():
+            data = path.read_bytes() if path.exists() else b""
+            chunks.append(data[self._starts.get(path, 0) :] if since_start else data)
+        return b"".join(chunks)
+
+    def stderr_bytes(self) -> bytes:
+        """Everything written to stderr (only with a separate :attr:`stderr_path`)."""
+        if self.stderr_path is None:
+            raise ValueError("stderr goes to the log file; pass stderr_path to separate it")
+        return self.stderr_path.read_bytes() if self.stderr_path.exists() else b""
 
     def output(self, *, since_start: bool = False) -> str:
         """:meth:`output_bytes` decoded (invalid bytes replaced)."""
@@ -250,6 +266,35 @@ class WorkerProcess:
                 self.stop()
             except RuntimeError:
                 self.kill()
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (a zombie whose parent died
+    waits for init to reap it, which a container's PID 1 may never do)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: ask the kernel whether the group exists
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        return [pgid]
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -397,6 +397,12 @@ class SMTPSession:
         """Send QUIT if the socket is open, then close it. Never raises."""
         self._drop(send_quit=True)
 
+    def abort(self) -> None:
+        """Close the socket at once, without QUIT: for an exchange cut off midway
+        (e.g. by a time limit), where the server's next reply would answer a
+        command of the past. Never raises."""
+        self._drop(send_quit=False)
+
     def _drop(self, *, send_quit: bool) -> None:
         client, self._client = self._client, None
         if client is None:

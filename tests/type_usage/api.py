@@ -13,6 +13,7 @@ from mailworker import (
     SMTPError,
     SMTPRecipientsRefused,
     SMTPSession,
+    send_mail,
 )
 
 
@@ -40,7 +41,5 @@ def from_env() -> Profile:
 
 
 def enqueue_welcome(address: str) -> str:
-    from mailworker import send_mail
-
     result = send_mail.delay(to=address, subject="Welcome", text="Hi", html="<p>Hi</p>")
     return str(result.id)
