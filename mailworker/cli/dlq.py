@@ -6,36 +6,36 @@ to use another one (tests do), invoke the command with a :class:`DlqHooks` as cl
 ``obj``::
 
     CliRunner().invoke(main, ["dlq", "retry", "--all"], obj=DlqHooks(publish=fake))
+
+The filter options and the choice of records are in :mod:`mailworker.cli._dlq_select`;
+what the commands print for people, and duration parsing, in :mod:`mailworker.cli._dlq_format`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import redis
 
-from mailworker.deadletter import REASONS, DeadLetter, DeadLetterStore, code_matcher
+from mailworker.cli._dlq_format import describe, parse_duration, plural, record_table, stats_lines
+from mailworker.cli._dlq_select import duration_option, filter_options, store_filters, target_ids
+from mailworker.deadletter import DeadLetterStore
 from mailworker.errors import ConfigError
 from mailworker.settings import Settings
+
+__all__ = ["PROGRESS_MIN", "DlqHooks", "Publish", "default_publish", "dlq", "parse_duration"]
 
 #: ``publish(task_name, kwargs)`` enqueues a task and returns its id.
 Publish = Callable[[str, dict[str, Any]], str]
 
 #: Retry or purge at least this many records to get a progress bar (on a terminal).
 PROGRESS_MIN = 10
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
 
 
 @dataclass
@@ -78,45 +78,6 @@ class _State:
         return self._store
 
 
-def parse_duration(value: str) -> float:
-    """Seconds in a duration such as ``90s``, ``30m``, ``1h``, ``2d`` or ``1w``.
-
-    A bare number counts seconds.
-
-    Raises:
-        ValueError: ``value`` is not such a duration.
-    """
-    match = _DURATION.fullmatch(value.strip().lower())
-    if match is None:
-        raise ValueError(
-            f"{value!r} is not a duration; use a number with a unit: 90s, 30m, 1h, 2d, 1w"
-        )
-    return float(match[1]) * _UNITS[match[2] or "s"]
-
-
-def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-
-
-def _code_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        code_matcher(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r}: use a reply code (550), a class (5xx, 4xx) or an enhanced code (5.1.1)",
-            ctx,
-            param,
-        ) from None
-    return value.strip()
-
-
 class _Group(click.Group):
     """Turns Redis failures into one clear line instead of a traceback."""
 
@@ -135,40 +96,6 @@ def _safe_url(client: redis.Redis) -> str:
     if "path" in kw:
         return f"Redis at unix:{kw['path']}"
     return f"Redis at {kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-
-
-def _filter_options(f: F) -> F:
-    """The options that select records, shared by list, retry and purge."""
-    options = [
-        click.option("--reason", type=click.Choice(REASONS), help="Only this reason."),
-        click.option(
-            "--code",
-            metavar="CODE",
-            callback=_code_option,
-            help="Only this reply code (550), class (5xx, 4xx) or enhanced code (5.1.1).",
-        ),
-        click.option("--profile", metavar="NAME", help="Only this SMTP profile."),
-        click.option(
-            "--since",
-            metavar="DURATION",
-            callback=_duration_option,
-            help="Only records dead-lettered within this long: 30m, 1h, 2d, 1w.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _filters(
-    reason: str | None, code: str | None, profile: str | None, since: float | None
-) -> dict[str, Any]:
-    return {
-        "reason": reason,
-        "code": code,
-        "profile": profile,
-        "since": None if since is None else time.time() - since,
-    }
 
 
 @click.group(cls=_Group)
@@ -204,7 +131,7 @@ def dlq(ctx: click.Context, redis_url: str | None) -> None:
 
 
 @dlq.command("list")
-@_filter_options
+@filter_options
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Show at most N records.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per record and line.")
 @click.pass_obj
@@ -230,7 +157,7 @@ def list_(
       mailworker dlq list --reason exhausted --since 2d
       mailworker dlq list --code 5.1.1 --json | jq -r .recipients[]
     """
-    records = state.store().list(**_filters(reason, code, profile, since), limit=limit)
+    records = state.store().list(**store_filters(reason, code, profile, since), limit=limit)
     if as_json:
         for record in records:
             click.echo(json.dumps(record.summary(), ensure_ascii=False))
@@ -239,22 +166,8 @@ def list_(
         filtered = any(v is not None for v in (reason, code, profile, since))
         click.echo("No dead letters match." if filtered else "No dead letters.")
         return
-    rows = [("ID", "WHEN", "REASON", "CODE", "RECIPIENTS", "SUBJECT", "ATTEMPTS")]
-    rows += [
-        (
-            r.id,
-            _when(r.created_at),
-            r.reason,
-            _code(r),
-            _cut(", ".join(r.recipients), 40),
-            _cut(r.subject or "", 40),
-            str(r.attempts),
-        )
-        for r in records
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for line in record_table(records):
+        click.echo(line)
 
 
 @dlq.command()
@@ -274,14 +187,14 @@ def show(state: _State, id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(record.details(), ensure_ascii=False, indent=2))
         return
-    for line in _describe(record):
+    for line in describe(record):
         click.echo(line)
 
 
 @dlq.command()
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "all_", is_flag=True, help="Every record matching the filters.")
-@_filter_options
+@filter_options
 @click.pass_obj
 def retry(
     state: _State,
@@ -306,7 +219,7 @@ def retry(
       mailworker dlq retry --all --reason exhausted --since 1d
     """
     store = state.store()
-    targets = _targets(store, ids, all_, _filters(reason, code, profile, since))
+    targets = target_ids(store, ids, all_, store_filters(reason, code, profile, since))
     if not targets:
         click.echo("Nothing to re-queue.")
         return
@@ -338,10 +251,10 @@ def retry(
 @click.option(
     "--older-than",
     metavar="DURATION",
-    callback=_duration_option,
+    callback=duration_option,
     help="Only records dead-lettered longer ago than this: 12h, 7d, 4w. Implies --all.",
 )
-@_filter_options
+@filter_options
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 def purge(
@@ -368,16 +281,16 @@ def purge(
       mailworker dlq purge --all --reason invalid
     """
     store = state.store()
-    filters = _filters(reason, code, profile, since)
-    targets = _targets(store, ids, all_ or older_than is not None, filters, older_than)
+    filters = store_filters(reason, code, profile, since)
+    targets = target_ids(store, ids, all_ or older_than is not None, filters, older_than)
     if not targets:
         click.echo("Nothing to purge.")
         return
-    question = f"Delete {_plural(len(targets))} for good?"
+    question = f"Delete {plural(len(targets))} for good?"
     if not yes:
         if not _stdin_is_tty():
             raise click.ClickException(
-                f"not purging {_plural(len(targets))} without confirmation: "
+                f"not purging {plural(len(targets))} without confirmation: "
                 "stdin is not a terminal; add --yes"
             )
         click.confirm(question, default=False, abort=True)
@@ -395,7 +308,7 @@ def purge(
                 chunk = targets[start : start + 500]
                 removed += store.remove(chunk)
                 bar.update(len(chunk))
-    click.echo(f"Purged {_plural(removed)}.")
+    click.echo(f"Purged {plural(removed)}.")
     _fail_missing(missing)
 
 
@@ -408,34 +321,8 @@ def stats(state: _State, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(counts, ensure_ascii=False))
         return
-    click.echo(f"total: {sum(counts['reason'].values())}")
-    for name in ("reason", "code", "profile"):
-        click.echo(f"by {name}:")
-        group = counts[name]
-        width = max((len(k) for k in group), default=0)
-        for key, count in group.items():
-            click.echo(f"  {key.ljust(width)}  {count}")
-
-
-def _targets(
-    store: DeadLetterStore,
-    ids: Sequence[str],
-    select_all: bool,
-    filters: dict[str, Any],
-    older_than: float | None = None,
-) -> list[str]:
-    """The ids a retry or purge acts on: those given, or those the filters select."""
-    filtered = any(v is not None for v in filters.values())
-    if ids and select_all:
-        raise click.UsageError("give IDs or select with --all/--older-than, not both")
-    if ids and filtered:
-        raise click.UsageError("filters select records with --all; they don't apply to IDs")
-    if not ids and not select_all:
-        hint = " (add --all to use the filters)" if filtered else ""
-        raise click.UsageError(f"give the IDs to act on, or --all{hint}")
-    if ids:
-        return list(dict.fromkeys(ids))
-    return store.ids(**filters, older_than=older_than)
+    for line in stats_lines(counts):
+        click.echo(line)
 
 
 class _NoBar:
@@ -484,74 +371,3 @@ def _fail_missing(missing: Iterable[str]) -> None:
     missing = list(missing)
     if missing:
         raise click.ClickException(f"no dead letter with id {', '.join(missing)}")
-
-
-def _describe(r: DeadLetter) -> list[str]:
-    """The human-readable ``dlq show`` page."""
-    details = r.details()
-    err = r.error
-    lines = [
-        f"id:          {r.id}",
-        f"reason:      {r.reason}",
-        f"added:       {_when(r.created_at)}",
-        f"task:        {r.task}" + (f" (last task id {r.task_id})" if r.task_id else ""),
-        f"profile:     {r.profile}",
-        f"recipients:  {', '.join(r.recipients) or '-'}",
-        f"subject:     {r.subject if r.subject is not None else '-'}",
-        f"attempts:    {r.attempts} (first {_when(r.first_attempt_at)}, "
-        f"last {_when(r.last_attempt_at)})",
-        "",
-        "error:",
-    ]
-    for key in ("type", "stage", "code", "enhanced_code", "transient", "message", "reply"):
-        if err.get(key) is not None:
-            lines.append(f"  {key + ':':15}{_indent(str(err[key]), 17)}")
-    lines += ["", "payload:"]
-    for key, value in details["kwargs"].items():
-        lines.append(f"  {key + ':':15}{_indent(_payload_value(key, value), 17)}")
-    lines += ["", "transcript of the last attempt:"]
-    lines += [f"  {line}" for line in r.transcript] or ["  (none)"]
-    lines += ["", "attempt history:"]
-    lines += [
-        f"  {n}. {_when(entry.get('at'))}  {entry.get('error', '')}"
-        for n, entry in enumerate(r.history, 1)
-    ] or ["  (none)"]
-    return lines
-
-
-def _payload_value(key: str, value: Any) -> str:
-    if key == "attachments" and isinstance(value, list):
-        return "; ".join(
-            f"{a.get('filename')} ({a.get('mimetype') or 'type unknown'}, "
-            f"{'?' if a.get('size') is None else a['size']} bytes)"
-            for a in value
-        )
-    if key == "raw_size":
-        return f"{value} bytes"
-    if isinstance(value, str):
-        return _cut(value, 300)
-    return _cut(json.dumps(value, ensure_ascii=False), 300)
-
-
-def _when(ts: object) -> str:
-    if not isinstance(ts, (int, float)) or not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _code(r: DeadLetter) -> str:
-    enhanced = r.error.get("enhanced_code")
-    parts = [str(r.code) if r.code is not None else "", str(enhanced) if enhanced else ""]
-    return " ".join(p for p in parts if p) or "-"
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _indent(text: str, by: int) -> str:
-    return text.replace("\n", "\n" + " " * by)
-
-
-def _plural(n: int) -> str:
-    return f"{n} dead letter" + ("" if n == 1 else "s")
