@@ -914,15 +914,21 @@ class SMTPServer:
         controller = self._controller
         if controller is None:
             return
-        for protocol in list(self._active):
+        dropped = set(self._active)
+        for protocol in dropped:
             controller.loop.call_soon_threadsafe(protocol._drop, reply)
-        _wait_until(lambda: not self._active, timeout, "connections to close")
+        # Clients may reconnect at once; only the connections cut here are waited for.
+        _wait_until(lambda: not (dropped & self._active), timeout, "connections to close")
 
     def stop(self) -> None:
         """Close client connections and stop listening (idempotent)."""
         controller = self._controller
         if controller is None:
             return
+        listener = controller.server
+        if listener is not None:
+            # Stop accepting first, so no client reconnects while we drop the others.
+            controller.loop.call_soon_threadsafe(listener.close)
         try:
             self.drop_connections()
         finally:
