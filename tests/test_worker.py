@@ -274,6 +274,43 @@ class TestRetries:
         assert len(worker.events("mail.dead_lettered")) == 1
 
 
+class TestDeadLetterRetry:
+    """Operators re-queue dead letters from the CLI."""
+
+    def test_dlq_retry_redelivers_through_the_worker(
+        self,
+        env: dict[str, str],
+        server: SMTPServer,
+        start_worker: Callable[..., WorkerProcess],
+        dlq: DeadLetterStore,
+    ) -> None:
+        """A message refused with 550 is re-queued by `mailworker dlq retry --all` once the
+        address is fixed, delivered by the worker, and leaves the store."""
+        server.handler.rcpt_replies["moved@example.org"] = "550 5.1.1 mailbox moved"
+        worker = start_worker(env)
+        with producer(env):
+            send_mail.delay(to="moved@example.org", subject="second chance", text="hi")
+            wait_for(lambda: dlq.count() == 1, 15, "the dead letter")
+        del server.handler.rcpt_replies["moved@example.org"]
+
+        retried = subprocess.run(
+            [mailworker_executable(), "dlq", "retry", "--all"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+
+        [message] = server.handler.wait_for_messages(1, timeout=15)
+        assert message.rcpt_tos == ("moved@example.org",)
+        assert message.parsed()["Subject"] == "second chance"
+        assert dlq.count() == 0
+        assert "1" in retried.stdout
+        worker.stop()
+        assert len(worker.events("mail.sent")) == 1
+
+
 class TestNoLoss:
     """Every message arrives, through server restarts and killed workers."""
 
