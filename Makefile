@@ -7,12 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
-# Debian packages the tests and the demo run for real.
-DEBS   := redis-server
+# Debian packages the tests run for real: redis-server, and postfix for its
+# smtp-sink (installed unconfigured, so no MTA starts on this machine).
+POSTFIX_PRESEED := postfix postfix/main_mailer_type select No configuration
 
-.PHONY: test demo lint typecheck unit bench system-deps venv clean
+.PHONY: test demo lint typecheck unit bench system-deps test-deps venv clean
 
-test: venv lint typecheck unit
+test: venv test-deps lint typecheck unit
 
 demo: venv
 	$(BIN)/mailworker demo
@@ -24,6 +25,13 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
+	fi
+
+test-deps:
+	@if [ ! -x /usr/sbin/smtp-sink ]; then \
+		echo "installing Debian package: postfix (unconfigured, for smtp-sink)"; \
+		echo "$(POSTFIX_PRESEED)" | $(SUDO) debconf-set-selections; \
+		$(APT) update -qq && $(APT) install -y -qq postfix >/dev/null; \
 	fi
 
 venv: system-deps $(STAMP)

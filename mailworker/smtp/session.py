@@ -200,7 +200,7 @@ class SMTPSession:
                 reply = client.last_reply
         if reply.code != 250:
             raise self._fail(SMTPReplyError, "server refused EHLO and HELO", "ehlo", reply)
-        return reply.lines[1:] if client.does_esmtp else ()
+        return tuple(line for line in reply.lines[1:] if line) if client.does_esmtp else ()
 
     def _starttls(self, context: ssl.SSLContext) -> tuple[str, ...]:
         client = self._require()
