@@ -27,7 +27,7 @@ REASONS: tuple[str, ...] = get_args(DeadLetterReason)
 #: ones, so a re-queue deriving the key from ``idempotency_key`` again would be
 #: skipped as a duplicate. Keeping it also makes two re-queues of one record
 #: deliver once.
-KEPT_META = ("key", "message_id", "date", "recipients")
+KEPT_META = ("key", "message_id", "date", "recipients", "queue")
 
 _CODE = re.compile(r"^[245]\d\d$")
 _CODE_CLASS = re.compile(r"^[245]xx$", re.IGNORECASE)
@@ -146,7 +146,7 @@ class DeadLetter:
         """The kwargs to re-queue with: the original ones with a fresh attempt budget.
 
         ``_meta`` (the attempt bookkeeping) is dropped except the entries in
-        :data:`KEPT_META` (``key``, ``message_id``, ``date``, ``recipients``), so the
+        :data:`KEPT_META` (``key``, ``message_id``, ``date``, ``recipients``, ``queue``), so the
         resent message keeps its Message-ID and idempotency key and goes only to the
         recipients that failed.
         """

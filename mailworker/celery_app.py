@@ -12,13 +12,24 @@ from celery import Celery
 from mailworker.settings import Settings
 
 
-def configure(app: Celery, settings: Settings | None = None) -> Celery:
+def configure(app: Celery, settings: Settings | None = None, *, broker: bool = True) -> Celery:
     """Apply the settings mailworker's delivery guarantees depend on.
 
     - JSON only, never pickle (a broker message can't run code in the worker);
-    - ``acks_late`` + ``reject_on_worker_lost``: a killed worker loses nothing;
-    - prefetch of one and a hard time limit below half the Redis
-      ``visibility_timeout``: a message is never redelivered while it still runs.
+    - a prefetch of one, and the Redis ``visibility_timeout`` above twice the
+      tasks' hard time limit: a message is never redelivered while it still runs
+      or waits in a worker;
+    - kombu looks for a killed worker's messages within the visibility timeout.
+
+    ``acks_late``, ``reject_on_worker_lost`` and the time limits are options of
+    mailworker's tasks themselves, so an existing app keeps its own defaults for
+    its other tasks.
+
+    Args:
+        app: the Celery app to configure.
+        settings: defaults to :meth:`Settings.from_env`.
+        broker: also point the app's broker and result backend at
+            ``MAILWORKER_BROKER_URL``; pass False for an app with its own broker.
     """
     settings = settings or Settings.from_env()
     transport = {
@@ -29,26 +40,26 @@ def configure(app: Celery, settings: Settings | None = None) -> Celery:
         "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout / 5))),
         "unacked_restore_throttle": 1,
     }
-    app.conf.update(
-        broker_url=settings.broker_url,
-        result_backend=settings.broker_url,
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_serializer="json",
-        result_serializer="json",
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_time_limit=settings.task_time_limit,
-        task_soft_time_limit=settings.task_time_limit * 0.9,
-        broker_transport_options=transport,
-        result_backend_transport_options=transport,
-        result_expires=86400,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-    )
+    updates: dict[str, object] = {
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {**(app.conf.broker_transport_options or {}), **transport},
+        "result_backend_transport_options": {
+            **(app.conf.result_backend_transport_options or {}),
+            **transport,
+        },
+        "broker_connection_retry_on_startup": True,
+    }
+    if broker:
+        updates["broker_url"] = settings.broker_url
+        updates["result_backend"] = settings.broker_url
+    app.conf.update(updates)
     return app
 
 
 app = configure(Celery("mailworker", include=["mailworker.tasks"], set_as_current=False))
+# Our own worker's process: structlog renders Celery's records too (mailworker.logs).
+app.conf.update(worker_hijack_root_logger=False, result_expires=86400)

@@ -15,6 +15,7 @@ retried), ``first_attempt_at``, ``attempts`` (SMTP attempts so far), ``retries``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -26,13 +27,11 @@ from typing import Any
 import redis
 import structlog
 
-from mailworker.config import Profile
 from mailworker.deadletter import DeadLetter, DeadLetterStore
 from mailworker.errors import (
     ConfigError,
     DeadLetteredError,
     InvalidMessageError,
-    MailworkerError,
     SMTPError,
     SMTPRecipientsRefused,
 )
@@ -86,19 +85,35 @@ class Delivery:
         self.policy = RetryPolicy.from_settings(settings)
         self._clock = clock
 
-    def run(self, task: str, task_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def run(
+        self, task: str, task_id: str, kwargs: dict[str, Any], *, queue: str | None = None
+    ) -> dict[str, Any]:
         """Deliver (or defer, or dead-letter) one message; returns the task result.
+
+        Args:
+            task: the task name (``mailworker.send_mail`` or ``mailworker.send_message``).
+            task_id: this task message's id.
+            kwargs: the task's arguments.
+            queue: the queue the task came from; its retries go back there.
 
         Raises:
             DeadLetteredError: the message went to the dead-letter store.
+            redis.RedisError: Redis failed before the message was accepted (the
+                caller hands the task message back to the broker).
         """
         started = self._clock()
         meta = dict(kwargs.get("_meta") or {})
         key = meta.setdefault("key", kwargs.get("idempotency_key") or task_id)
         meta.setdefault("first_attempt_at", started)
+        meta.setdefault("origin", task_id)
+        if queue:
+            meta.setdefault("queue", queue)
         attempt = _Attempt(
             self, task=task, task_id=task_id, kwargs=kwargs, meta=meta, started=started
         )
+        done = self.ledger.sent(key)
+        if done is not None:  # before the poison guard: a sent message is never poison
+            return attempt.already_sent(done)
         starts = self.ledger.count_start(task_id, ttl=self.settings.max_age + 86400)
         if starts > 1 + self.settings.max_redeliveries:
             # The message was redelivered after killing its worker this many times.
@@ -110,12 +125,19 @@ class Delivery:
         try:
             done = self.ledger.sent(key)
             if done is not None:
-                attempt.log.info("mail.duplicate_skipped", message_id=done.get("message_id"))
-                return {**done, "duplicate": True}
+                return attempt.already_sent(done)
             return attempt.deliver()
+        except (DeadLetteredError, redis.RedisError):
+            raise
+        except Exception as exc:
+            # Celery acknowledges a task that raised: never let a message vanish that
+            # way. A bug, a broken TLS setup, the soft time limit outside the SMTP
+            # exchange — whatever it is, the message waits for a delayed retry.
+            return attempt.unexpected(exc)
         finally:
-            self.ledger.release(key, token)
-            self.ledger.forget_starts(task_id)
+            with contextlib.suppress(redis.RedisError):  # both expire on their own
+                self.ledger.release(key, token)
+                self.ledger.forget_starts(task_id)
 
 
 class _Attempt:
@@ -143,6 +165,9 @@ class _Attempt:
         self.summary: dict[str, Any] = {}
         self.message_id: str | None = meta.get("message_id")
         self.log = log.bind(task_id=task_id, message_key=meta["key"], profile=self.profile)
+        #: SMTP exchanges end by then, in any pool: well inside the task's time limits
+        #: (the threads pool enforces none), so a send never outlives its lock.
+        self.deadline = time.monotonic() + delivery.settings.task_time_limit * 0.8
 
     # -- the happy path ----------------------------------------------------------
 
@@ -162,7 +187,10 @@ class _Attempt:
                     self.attempts += 1
                     session = self.d.pool.get(self.profile)
                     result = session.send(
-                        prepared.envelope_from, prepared.recipients, prepared.data
+                        prepared.envelope_from,
+                        prepared.recipients,
+                        prepared.data,
+                        deadline=self.deadline,
                     )
                     # Any retry after here would be a duplicate: record it now.
                     record = self.record_sent(result)
@@ -177,7 +205,6 @@ class _Attempt:
             error = {"type": type(exc).__name__, "message": "task time limit reached"}
             return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
         self.transcript = [str(line) for line in result.transcript]
-        self.after_partial(result, prepared)
         self.log.info(
             "mail.sent",
             **self.event(reply=str(result.reply)),
@@ -185,7 +212,32 @@ class _Attempt:
             accepted=result.accepted,
             refused=record["refused"],
         )
+        try:
+            self.follow_up(record)
+        except redis.RedisError:
+            if record.get("idempotency_recorded") is False:
+                # Nothing recorded and nothing scheduled: sending again would be
+                # worse than the loss, which is logged here for the operator.
+                self.log.error("mail.follow_up_lost", refused=record["refused"])
+                return record
+            raise  # redelivered; already_sent() does the follow-up again
         return record
+
+    def already_sent(self, done: dict[str, Any]) -> dict[str, Any]:
+        """The message was accepted before (a redelivery): finish its follow-up if a
+        failure interrupted it, send nothing."""
+        self.message_id = done.get("message_id")
+        self.log.info("mail.duplicate_skipped", message_id=self.message_id)
+        self.follow_up(done)
+        return {**done, "duplicate": True}
+
+    def unexpected(self, exc: Exception) -> dict[str, Any]:
+        """A failure outside the SMTP exchange: drop the session (its state is
+        unknown) and retry later."""
+        self.log.exception("mail.error", error_type=type(exc).__name__)
+        self.d.pool.discard(self.profile, send_quit=False)
+        error = {"type": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}"[:500]}
+        return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
 
     def prepare(self) -> Prepared:
         fields = {k: v for k, v in self.kwargs.items() if k not in _CONTROL}
@@ -205,10 +257,14 @@ class _Attempt:
         self.d.pool.get(self.profile)
         message = build_message(payload)
         # Every attempt of a message sends the same Message-ID and Date; the id is
-        # derived from the message key, so even a redelivery that lost its retry
-        # state (a worker killed after the server's 250) repeats it.
+        # derived from the message key and the first task id, so even a redelivery
+        # that lost its retry state (a worker killed after the server's 250) repeats
+        # it, while a key reused for another message later gets a new one.
         if payload.header("Message-ID") is None:
-            self.meta.setdefault("message_id", _message_id(self.meta["key"], payload.envelope_from))
+            self.meta.setdefault(
+                "message_id",
+                _message_id(self.meta["key"], self.meta["origin"], payload.envelope_from),
+            )
         _pin(message, "Message-ID", self.meta.setdefault("message_id", message["Message-ID"]))
         _pin(message, "Date", self.meta.setdefault("date", message["Date"]))
         return Prepared(
@@ -221,7 +277,9 @@ class _Attempt:
         )
 
     def record_sent(self, result: SendResult) -> dict[str, Any]:
-        record = {
+        """Remember the acceptance at once. A Redis failure here must not send the
+        message again, so it is retried briefly, then logged, never raised."""
+        record: dict[str, Any] = {
             "status": "sent",
             "message_id": self.message_id,
             "accepted": result.accepted,
@@ -230,22 +288,35 @@ class _Attempt:
             "queue_id": result.queue_id,
             "attempts": self.attempts,
         }
-        self.d.ledger.record_sent(self.meta["key"], record, ttl=self.d.settings.max_age + 86400)
+        ttl = self.d.settings.max_age + 86400
+        for pause in (0.1, 0.5, 0):
+            try:
+                self.d.ledger.record_sent(self.meta["key"], record, ttl=ttl)
+                return record
+            except redis.RedisError as exc:
+                failure = exc
+                time.sleep(pause)
+        self.log.error("mail.idempotency_unrecorded", error=f"{type(failure).__name__}: {failure}")
+        record["idempotency_recorded"] = False
         return record
 
     # -- partial and failed deliveries ------------------------------------------------
 
-    def after_partial(self, result: SendResult, prepared: Prepared) -> None:
-        """Retry the deferred recipients alone; dead-letter the rejected ones."""
-        deferred = result.deferred
-        rejected = {r: o for r, o in result.refused.items() if o.status == "rejected"}
+    def follow_up(self, record: dict[str, Any]) -> None:
+        """Retry the deferred recipients alone and dead-letter the rejected ones, then
+        mark the sent record done, so a redelivery knows whether to do it again."""
+        refused: dict[str, dict[str, Any]] = record.get("refused") or {}
+        if not refused or record.get("follow_up_done"):
+            return
+        deferred = [r for r, o in refused.items() if o["status"] == "deferred"]
+        rejected = {r: o for r, o in refused.items() if o["status"] == "rejected"}
         if deferred:
-            last = result.refused[deferred[-1]]
+            last = refused[deferred[-1]]
             error = {
                 "type": "RecipientsDeferred",
-                "code": last.code,
-                "enhanced_code": last.enhanced_code,
-                "reply": last.reply,
+                "code": last["code"],
+                "enhanced_code": last["enhanced_code"],
+                "reply": last["reply"],
                 "message": f"{len(deferred)} recipient(s) deferred",
                 "stage": "rcpt",
             }
@@ -254,13 +325,16 @@ class _Attempt:
             last = next(reversed(rejected.values()))
             error = {
                 "type": "RecipientsRejected",
-                "code": last.code,
-                "enhanced_code": last.enhanced_code,
-                "reply": last.reply,
+                "code": last["code"],
+                "enhanced_code": last["enhanced_code"],
+                "reply": last["reply"],
                 "stage": "rcpt",
-                "message": "; ".join(f"{r}: {o.code} {o.reply}" for r, o in rejected.items()),
+                "message": "; ".join(f"{r}: {o['code']} {o['reply']}" for r, o in rejected.items()),
             }
             self.dead_letter("permanent", error, subset=list(rejected), raise_=False)
+        record["follow_up_done"] = True
+        if record.get("idempotency_recorded") is not False:
+            self.d.ledger.record_sent(self.meta["key"], record, ttl=self.d.settings.max_age + 86400)
 
     def failed(self, exc: SMTPError, prepared: Prepared) -> dict[str, Any]:
         error = exc.to_dict()
@@ -399,9 +473,10 @@ class _Attempt:
         }
 
 
-def _message_id(key: str, sender: str) -> str:
-    """A Message-ID that depends only on the message key and the sender's domain."""
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+def _message_id(key: str, origin: str, sender: str) -> str:
+    """A Message-ID that depends only on the message key, the task that first carried
+    it and the sender's domain."""
+    digest = hashlib.sha256(f"{key}\n{origin}".encode()).hexdigest()[:32]
     domain = sender.rpartition("@")[2] or "mailworker.invalid"
     return f"<{digest}@{domain}>"
 
@@ -433,9 +508,4 @@ def _pin(message: EmailMessage, header: str, value: str) -> None:
     message[header] = value
 
 
-def resolve_profile(name: str) -> Profile:
-    """The profile ``name`` from the environment (see :meth:`Profile.from_env`)."""
-    return Profile.from_env(name)
-
-
-__all__ = ["SEND_MAIL", "SEND_MESSAGE", "Delivery", "MailworkerError", "resolve_profile"]
+__all__ = ["SEND_MAIL", "SEND_MESSAGE", "Delivery"]

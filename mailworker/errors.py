@@ -51,6 +51,8 @@ class SMTPError(MailworkerError):
             connection, timeout); False for 5xx and trust failures.
         transcript: ``C: ...`` / ``S: ...`` lines of the failed exchange, credentials
             redacted.
+        in_doubt: the whole message was sent but no reply came back (connection
+            lost, timeout): the server may have accepted it.
     """
 
     #: Used when there is no reply code to decide from.
@@ -74,6 +76,7 @@ class SMTPError(MailworkerError):
         self.reply = reply
         self._transient = transient
         self.transcript: list[str] = []
+        self.in_doubt = False
 
     @property
     def is_transient(self) -> bool:
@@ -108,6 +111,7 @@ class SMTPError(MailworkerError):
             "enhanced_code": self.enhanced_code,
             "reply": self.reply,
             "transient": self.is_transient,
+            "in_doubt": self.in_doubt,
         }
 
 

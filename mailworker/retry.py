@@ -28,11 +28,14 @@ def retry_now(exc: BaseException) -> bool:
     """Whether a failure is worth an immediate retry on a fresh connection.
 
     Refused recipients are not: greylisting and full mailboxes do not clear up
-    within seconds, so they wait for the delayed schedule.
+    within seconds, so they wait for the delayed schedule. Nor is a message whose
+    fate is in doubt (sent, but no reply): it may have been accepted, and a retry
+    seconds later would almost certainly deliver it twice.
     """
     return (
         isinstance(exc, SMTPError)
         and exc.is_transient
+        and not exc.in_doubt
         and not isinstance(exc, SMTPRecipientsRefused)
     )
 

@@ -45,6 +45,21 @@ _state = _ProcessState()
 #: Outcomes that are the message's fault, already logged and dead-lettered:
 #: Celery logs them as a one-line failure, without a traceback.
 _EXPECTED = (DeadLetteredError,)
+#: Delivery guarantees live on the tasks, not in the app, so that an existing app
+#: running them keeps its own defaults for its other tasks.
+_SETTINGS = Settings.from_env()
+_TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    # Below half the visibility timeout (Settings checks): see celery_app.configure.
+    "time_limit": _SETTINGS.task_time_limit,
+    "soft_time_limit": _SETTINGS.task_time_limit * 0.9,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    # A task killed by the hard time limit goes back to the queue (the poison guard
+    # bounds how often), instead of being acknowledged and lost.
+    "acks_on_timeout": False,
+    "throws": _EXPECTED,
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,7 +72,7 @@ def delivery() -> Delivery:
     with _state.lock:
         if _state.delivery is None or _state.pid != os.getpid():
             settings = Settings.from_env()
-            client = redis.Redis.from_url(settings.redis_url)
+            client = _redis(settings)
             _state.delivery = Delivery(
                 settings, client, SessionPool(_profile), interrupts=(SoftTimeLimitExceeded,)
             )
@@ -65,20 +80,35 @@ def delivery() -> Delivery:
         return _state.delivery
 
 
+def _redis(settings: Settings) -> redis.Redis:
+    # Bounded waits: a hung Redis must fail a task well inside its time limit.
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=10,
+        socket_connect_timeout=10,
+        health_check_interval=30,
+    )
+
+
+def _queue(task: Task[Any, Any]) -> str | None:
+    """The queue this task message came from, so its retries go back there."""
+    info = task.request.delivery_info or {}
+    queue = info.get("routing_key")
+    return str(queue) if queue else None
+
+
 def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     task_id = task.request.id or f"eager-{time.time_ns()}"
     try:
-        return delivery().run(name, task_id, kwargs)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return delivery().run(name, task_id, kwargs, queue=_queue(task))
+    except redis.RedisError as exc:
         # Nothing could be recorded: hand the message back unacknowledged.
         log.warning("mail.redis_unavailable", task_id=task_id, error=str(exc))
         time.sleep(1)
         raise Reject(str(exc), requeue=True) from exc
 
 
-@shared_task(
-    name=SEND_MAIL, bind=True, acks_late=True, reject_on_worker_lost=True, throws=_EXPECTED
-)
+@shared_task(name=SEND_MAIL, **_TASK_OPTIONS)
 def send_mail(  # noqa: PLR0917 -- the task's signature is the public API
     self: Task[Any, Any],
     to: str | list[str],
@@ -127,9 +157,7 @@ def send_mail(  # noqa: PLR0917 -- the task's signature is the public API
     return _run(self, SEND_MAIL, kwargs)
 
 
-@shared_task(
-    name=SEND_MESSAGE, bind=True, acks_late=True, reject_on_worker_lost=True, throws=_EXPECTED
-)
+@shared_task(name=SEND_MESSAGE, **_TASK_OPTIONS)
 def send_message(  # noqa: PLR0917 -- the task's signature is the public API
     self: Task[Any, Any],
     raw_b64: str,
@@ -156,8 +184,17 @@ def send_message(  # noqa: PLR0917 -- the task's signature is the public API
 
 
 def enqueue(task_name: str, kwargs: dict[str, Any], task_id: str | None = None) -> str:
-    """Publish ``task_name(**kwargs)`` with the current Celery app; returns the task id."""
-    return str(current_app.send_task(task_name, kwargs=kwargs, task_id=task_id).id)
+    """Publish ``task_name(**kwargs)`` with the current Celery app, to the queue the
+    message first came from (kept in its ``_meta``); returns the task id."""
+    return str(
+        current_app.send_task(task_name, kwargs=kwargs, task_id=task_id, queue=_queue_of(kwargs)).id
+    )
+
+
+def _queue_of(kwargs: dict[str, Any]) -> str | None:
+    meta = kwargs.get("_meta")
+    queue = meta.get("queue") if isinstance(meta, dict) else None
+    return str(queue) if queue else None
 
 
 # -- worker life cycle -------------------------------------------------------------
@@ -182,11 +219,11 @@ def _start_mover(sender: Any = None, **_: Any) -> None:
     if app is None:
         return
     settings = Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = _redis(settings)
     dlq = DeadLetterStore(client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
 
     def publish(task: ScheduledTask) -> None:
-        app.send_task(task.task, kwargs=task.kwargs, task_id=task.id)
+        app.send_task(task.task, kwargs=task.kwargs, task_id=task.id, queue=_queue_of(task.kwargs))
 
     # Records past MAILWORKER_DLQ_TTL go even when no new dead letter arrives.
     _state.mover = RetryMover(RetrySchedule(client), publish, housekeeping=dlq.prune)

@@ -140,11 +140,10 @@ class Client(smtplib.SMTP):
             self.record_command(line)
         self.send("".join(f"{line}\r\n" for line in lines))
 
-    def send_content(self, payload: bytes, timeout: float, size: int) -> None:
-        """Write dot-stuffed message content, each block under its own timeout."""
+    def send_content(self, payload: bytes, size: int) -> None:
+        """Write dot-stuffed message content; each block gets the socket's timeout."""
         self.transcript.client(f"<message content, {size} bytes>")
         assert self.sock is not None
-        self.set_timeout(timeout)
         view = memoryview(payload)
         self.in_content = True
         for start in range(0, len(view), _BLOCK):

@@ -49,14 +49,18 @@ def choose_mechanism(profile: Profile, offered: Sequence[str]) -> str:
     )
 
 
-def authenticate(client: Client, mechanism: str, profile: Profile) -> Reply:
+def authenticate(client: Client, mechanism: str, answer: AuthObject, *, initial: bool) -> Reply:
     """Run the AUTH exchange (RFC 4954) and return the server's final reply.
 
     smtplib's ``auth()`` encodes answers as ASCII, so a non-ASCII password fails
     there with an exception that quotes it; SASL wants UTF-8 (RFC 4616), and the
     exchange is short enough to run here.
+
+    Args:
+        client: a greeted session.
+        mechanism: the mechanism chosen by :func:`choose_mechanism`.
+        answer, initial: from :func:`authobject`.
     """
-    answer, initial = authobject(mechanism, profile)
     first = answer(None) if initial else None
     if first is None:
         reply = client.command(f"AUTH {mechanism}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mailworker.config import Timeouts
-from mailworker.errors import SMTPRecipientsRefused, SMTPReplyError, Stage
+from mailworker.errors import SMTPError, SMTPRecipientsRefused, SMTPReplyError, Stage
 from mailworker.smtp._client import Client
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import RecipientResult, RecipientStatus
@@ -67,9 +67,15 @@ class DataTransfer:
         self, client: Client, payload: bytes, size: int, guard: StageGuard, timeouts: Timeouts
     ) -> Reply:
         with guard("data", timeouts.data_block):
-            client.send_content(payload, timeouts.data_block, size)
-        with guard("data", timeouts.data_end):
-            return client.reply()
+            client.send_content(payload, size)
+        try:
+            with guard("data", timeouts.data_end):
+                return client.reply()
+        except SMTPError as exc:
+            # All of the message went out and no verdict came back: the server may
+            # well have accepted it, so sending it again at once risks a duplicate.
+            exc.in_doubt = exc.code is None
+            raise
 
 
 def exchange(

@@ -108,6 +108,7 @@ class SMTPSession:
         self._client: Client | None = None
         self._sent = 0
         self._last_used = 0.0
+        self._deadline: float | None = None
 
     def __repr__(self) -> str:
         state = "open" if self.connected else "closed"
@@ -145,16 +146,25 @@ class SMTPSession:
         profile = self.profile
         context = None
         if profile.uses_tls:
-            context = tls_context(
-                profile.verify, profile.ca_file, profile.client_cert, profile.client_key
-            )
+            try:
+                context = tls_context(
+                    profile.verify, profile.ca_file, profile.client_cert, profile.client_key
+                )
+            except (ssl.SSLError, OSError) as exc:
+                # A ca_file that is not PEM, a key that does not match its certificate.
+                reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+                raise SMTPTLSError(
+                    f"cannot set up TLS from the profile's ca_file/client_cert/client_key: "
+                    f"{reason}",
+                    stage="tls",
+                ) from None
             if not profile.verify:
                 log.warning("smtp.tls_unverified", profile=profile.name, host=profile.host)
         self.transcript = Transcript()
         self._client = client = Client(
             local_hostname=profile.local_hostname or "localhost",
-            connect_timeout=profile.timeouts.connect,
-            greeting_timeout=profile.timeouts.greeting,
+            connect_timeout=self._budget(profile.timeouts.connect, "connect"),
+            greeting_timeout=self._budget(profile.timeouts.greeting, "connect"),
             implicit_tls=context if profile.security == "tls" else None,
         )
         client.transcript = self.transcript
@@ -228,27 +238,33 @@ class SMTPSession:
             mechanism = auth.choose_mechanism(self.profile, offered)
         except SMTPNotSupportedError as exc:
             raise self._fail(SMTPNotSupportedError, exc.message, "auth") from None
-        failure: Exception | None = None
-        with self._stage("auth"), client.redacting():
-            try:
-                reply = auth.authenticate(client, mechanism, self.profile)
-            except (OSError, smtplib.SMTPException, SMTPError):
-                raise
-            except Exception as exc:  # reported below without its text
-                failure = exc
-        if failure is not None:
-            # Whatever else went wrong may quote the credentials: say what, not how.
+        try:
+            answer, initial = auth.authobject(mechanism, self.profile)
+        except Exception as exc:
+            # The token provider failed (a refresh that did not work). Its text may
+            # quote the credentials: say what failed, not how; the next try may work.
             raise self._fail(
-                SMTPAuthError, f"AUTH {mechanism} failed: {type(failure).__name__}", "auth"
+                SMTPAuthError,
+                f"the OAuth token provider failed: {type(exc).__name__}",
+                "auth",
+                transient=True,
             ) from None
-        # 503: already authenticated (a server that kept the state) is fine.
-        if reply.code not in (235, 503):
+        with self._stage("auth"), client.redacting():
+            reply = auth.authenticate(client, mechanism, answer, initial=initial)
+        if reply.code != 235:
             raise self._fail(SMTPAuthError, f"server refused AUTH {mechanism}", "auth", reply)
         return mechanism
 
     # -- sending ---------------------------------------------------------------
 
-    def send(self, envelope_from: str, recipients: Sequence[str], message: bytes) -> SendResult:
+    def send(
+        self,
+        envelope_from: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        deadline: float | None = None,
+    ) -> SendResult:
         """Send one message; returns the per-recipient outcome.
 
         Args:
@@ -256,6 +272,8 @@ class SMTPSession:
             recipients: RCPT TO addresses.
             message: the RFC 5322 message; line endings are normalised to CRLF and
                 leading dots stuffed, so nothing in it can end the data early.
+            deadline: a ``time.monotonic()`` time by which the send must be over,
+                connecting included; every stage's timeout is cut to fit it.
 
         Returns:
             The result when at least one recipient accepted the message; refused
@@ -270,20 +288,24 @@ class SMTPSession:
         message = normalise_line_endings(bytes(message))
         envelope = self._envelope(envelope_from, recipients, message)
         payload = dot_stuff(message, normalised=True)
-        # A session that has sent nothing yet was just opened (here or by connect()).
-        fresh = self._ensure_ready() or self._sent == 0
+        self._deadline = deadline
         try:
-            return self._transaction(envelope, payload)
-        except (SMTPServerDisconnected, SMTPReplyError) as exc:
-            # A held session the server closed while idle shows up at the first
-            # command; nothing was accepted yet, so one more try is safe.
-            closed = isinstance(exc, SMTPServerDisconnected) or exc.code == 421
-            if fresh or exc.stage != "mail" or not closed:
-                raise
-            log.info("smtp.reconnect", profile=self.profile.name, reason=str(exc))
-            self._drop(send_quit=False)
-            self.connect()
-            return self._transaction(envelope, payload)
+            # A session that has sent nothing yet was just opened (here or by connect()).
+            fresh = self._ensure_ready() or self._sent == 0
+            try:
+                return self._transaction(envelope, payload)
+            except (SMTPServerDisconnected, SMTPReplyError) as exc:
+                # A held session the server closed while idle shows up at the first
+                # command; nothing was accepted yet, so one more try is safe.
+                closed = isinstance(exc, SMTPServerDisconnected) or exc.code == 421
+                if fresh or exc.stage != "mail" or not closed:
+                    raise
+                log.info("smtp.reconnect", profile=self.profile.name, reason=str(exc))
+                self._drop(send_quit=False)
+                self.connect()
+                return self._transaction(envelope, payload)
+        finally:
+            self._deadline = None
 
     def _envelope(self, sender: str, recipients: Sequence[str], message: bytes) -> Envelope:
         if isinstance(recipients, str):
@@ -304,7 +326,12 @@ class SMTPSession:
             recipients=tuple(recipients),
             size=len(message),
             eight_bit=is_8bit(message),
-            utf8=not (sender.isascii() and all(r.isascii() for r in recipients)),
+            # RFC 6532: UTF-8 in addresses or in the header block needs SMTPUTF8.
+            utf8=not (
+                sender.isascii()
+                and all(r.isascii() for r in recipients)
+                and message.partition(b"\r\n\r\n")[0].isascii()
+            ),
         )
 
     def _transaction(self, envelope: Envelope, payload: bytes) -> SendResult:
@@ -355,7 +382,9 @@ class SMTPSession:
         if envelope.utf8:
             if not client.has_extn("smtputf8"):
                 raise SMTPNotSupportedError(
-                    "a non-ASCII address needs SMTPUTF8, which the server does not offer",
+                    "a non-ASCII address or raw UTF-8 in the headers needs SMTPUTF8 "
+                    "(RFC 6531/6532), which the server does not offer; encode headers "
+                    "as RFC 2047 words instead",
                     stage="mail",
                 )
             params.append("SMTPUTF8")
@@ -381,7 +410,8 @@ class SMTPSession:
             return True
         if time.monotonic() - self._last_used >= self.profile.noop_after:
             try:
-                with self._stage("connect"):
+                # A half-open connection (a NAT that forgot it) must not cost minutes.
+                with self._stage("connect", min(self.profile.timeouts.command, 30.0)):
                     reply = self._require().command("NOOP")
                 if reply.code != 250:
                     raise SMTPReplyError("NOOP refused", stage="connect", code=reply.code)
@@ -434,7 +464,13 @@ class SMTPSession:
         return self._client
 
     def _fail(
-        self, cls: type[SMTPError], message: str, stage: Stage, reply: Reply | None = None
+        self,
+        cls: type[SMTPError],
+        message: str,
+        stage: Stage,
+        reply: Reply | None = None,
+        *,
+        transient: bool | None = None,
     ) -> SMTPError:
         """Build an error for a refused connection step and close the session."""
         exc = cls(
@@ -443,19 +479,30 @@ class SMTPSession:
             code=reply.code if reply else None,
             enhanced_code=reply.enhanced_code if reply else None,
             reply=reply.text if reply else "",
+            transient=transient,
         )
         exc.transcript = self.transcript.as_strings()
         # A refused greeting or a 421 means the server closes; otherwise say QUIT.
         self._drop(send_quit=not (reply and reply.code in (421, 554) and stage == "connect"))
         return exc
 
+    def _budget(self, timeout: float, stage: Stage) -> float:
+        """``timeout`` cut to what is left before the send's deadline."""
+        if self._deadline is None:
+            return timeout
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise SMTPTimeoutError("the send's deadline has passed", stage=stage)
+        return min(timeout, left)
+
     @contextlib.contextmanager
     def _stage(self, stage: Stage, timeout: float | None = None) -> Iterator[None]:
         """Run one step under its timeout; socket, TLS and smtplib failures become
         SMTPError (the session is dropped) carrying the session transcript."""
         client = self._client
+        budget = self._budget(self.profile.timeouts.command if timeout is None else timeout, stage)
         if client is not None and client.alive:
-            client.set_timeout(self.profile.timeouts.command if timeout is None else timeout)
+            client.set_timeout(budget)
         try:
             yield
         except SMTPError:
@@ -465,9 +512,9 @@ class SMTPSession:
             if error is None:
                 raise
             error.transcript = self.transcript.as_strings()
-            # After a timeout or garbage the socket may be open: still say QUIT —
-            # unless we stopped inside the message content, where QUIT would be
-            # read as one more line of it.
+            # smtplib closes the socket itself after a failed read; where it is still
+            # open (garbage, a stalled write) say QUIT — unless we stopped inside the
+            # message content, where QUIT would be read as one more line of it.
             stuck = isinstance(error, (SMTPTimeoutError, SMTPProtocolError))
             self._drop(send_quit=stuck and not (client is not None and client.in_content))
             raise error from exc
