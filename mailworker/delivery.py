@@ -404,7 +404,8 @@ class _Attempt:
         """Another delivery of this message is running now (a redelivery overtook it):
         look again once its lock has expired, rather than run beside it."""
         due = self.d._clock() + self.d.settings.lock_ttl
-        retry_id = str(uuid.uuid4())
+        # One look per task message, however many redeliveries overtake it.
+        retry_id = f"{self.task_id}/locked"
         self.d.schedule.add(retry_id, self.task, {**self.kwargs, "_meta": self.meta}, due)
         self.log.info(
             "mail.deferred",

@@ -75,7 +75,10 @@ class RetryPolicy:
         return self.delays[min(retry_number, len(self.delays)) - 1]
 
     def due(self, retry_number: int, first_attempt_at: float, now: float) -> float | None:
-        """When to run delayed retry ``retry_number``, or None when that would be past
-        the maximum age (the message is then exhausted)."""
-        due = now + self.delay(retry_number)
-        return due if due - first_attempt_at <= self.max_age else None
+        """When to run delayed retry ``retry_number``, or None once the maximum age
+        has passed (the message is then exhausted). A delay that would overshoot
+        the maximum age is cut short, so the last attempt happens right at it."""
+        deadline = first_attempt_at + self.max_age
+        if now >= deadline:
+            return None
+        return min(now + self.delay(retry_number), deadline)

@@ -32,8 +32,9 @@ DEFAULT_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0, 14400.0)
 class Settings:
     """Everything a worker process needs besides the SMTP profiles."""
 
-    broker_url: str = "redis://localhost:6379/0"
-    redis_url: str = ""
+    # URLs may hold a Redis password: kept out of repr().
+    broker_url: str = field(default="redis://localhost:6379/0", repr=False)
+    redis_url: str = field(default="", repr=False)
     default_from: str | None = None
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
     max_age: float = 86400.0
@@ -54,8 +55,11 @@ class Settings:
             object.__setattr__(self, "redis_url", self.broker_url)
         if not self.task_time_limit:
             object.__setattr__(self, "task_time_limit", self.visibility_timeout * 0.4)
-        if not self.retry_delays or any(d < 0 for d in self.retry_delays):
-            raise ConfigError("MAILWORKER_RETRY_DELAYS: give comma-separated seconds, e.g. 60,300")
+        if not self.retry_delays or any(d < 1 for d in self.retry_delays):
+            raise ConfigError(
+                "MAILWORKER_RETRY_DELAYS: give comma-separated seconds of at least 1, "
+                "e.g. 60,300,900"
+            )
         # A prefetched message waits at most one task time limit before it runs,
         # then runs at most one: both must fit in the visibility timeout, or Redis
         # hands the message to a second worker while the first still has it.

@@ -518,8 +518,9 @@ class TestTransient:
         schedule: RetrySchedule,
         dlq: DeadLetterStore,
     ) -> None:
-        """Delays are MAILWORKER_RETRY_DELAYS (1, 1, 2, last repeating); a retry that would
-        run past MAILWORKER_MAX_AGE dead-letters the message as "exhausted"."""
+        """Delays are MAILWORKER_RETRY_DELAYS (1, 1, 2, last repeating); the retry that
+        would run past MAILWORKER_MAX_AGE runs right at it instead, and then the message
+        is dead-lettered as "exhausted"."""
         clock = FakeClock()
         delivery = make_delivery(clock=clock, MAILWORKER_MAX_AGE="5")
         server.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
@@ -536,16 +537,16 @@ class TestTransient:
             except DeadLetteredError:
                 break
 
-        assert delays == [1.0, 1.0, 2.0]
-        assert clock.now - first_attempt == 4.0
+        assert delays == [1.0, 1.0, 2.0, 1.0]
+        assert clock.now - first_attempt == 5.0
         record = only_record(dlq)
         assert record.reason == "exhausted"
         assert record.code == 451
-        assert record.attempts == 4
-        assert len(record.history) == 4
+        assert record.attempts == 5
+        assert len(record.history) == 5
         assert record.first_attempt_at == first_attempt
         assert record.recipients == ["grey@example.org"]
-        assert server.handler.counts["RCPT"] == 4
+        assert server.handler.counts["RCPT"] == 5
         assert server.handler.messages == []
         assert schedule.pending() == 0
 
