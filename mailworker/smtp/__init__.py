@@ -1,8 +1,9 @@
 """The SMTP client layer: usable on its own, knows nothing of Celery or Redis."""
 
+from mailworker.smtp._setup import SessionInfo
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import RecipientResult, SendResult
-from mailworker.smtp.session import SessionInfo, SMTPSession
+from mailworker.smtp.session import SMTPSession
 from mailworker.smtp.transcript import Transcript, TranscriptLine
 
 __all__ = [

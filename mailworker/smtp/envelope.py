@@ -17,8 +17,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mailworker.config import Timeouts
-from mailworker.errors import SMTPError, SMTPRecipientsRefused, SMTPReplyError, Stage
+from mailworker.errors import (
+    InvalidMessageError,
+    SMTPError,
+    SMTPNotSupportedError,
+    SMTPRecipientsRefused,
+    SMTPReplyError,
+    Stage,
+)
 from mailworker.smtp._client import Client
+from mailworker.smtp.body import is_8bit
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import RecipientResult, RecipientStatus
 
@@ -44,6 +52,75 @@ class Outcome:
     recipients: tuple[RecipientResult, ...]
     reply: Reply
     size: int
+
+
+def build_envelope(sender: str, recipients: Sequence[str], message: bytes) -> Envelope:
+    """Check the addresses and work out what the message needs from the server.
+
+    Raises:
+        InvalidMessageError: an address could smuggle a command (CR, LF, <>, spaces).
+    """
+    if isinstance(recipients, str):
+        raise InvalidMessageError("recipients", "must be a list of addresses, not a string")
+    if not recipients:
+        raise InvalidMessageError("recipients", "at least one recipient is required")
+    for name, address in [("envelope_from", sender)] + [
+        (f"recipients[{i}]", r) for i, r in enumerate(recipients)
+    ]:
+        if any(c in address for c in "\r\n<> \t\0"):
+            raise InvalidMessageError(
+                name, f"{address!r} must be a bare address without CR, LF, spaces or <>"
+            )
+        if address == "" and name != "envelope_from":
+            raise InvalidMessageError(name, "empty address")
+    return Envelope(
+        sender=sender,
+        recipients=tuple(recipients),
+        size=len(message),
+        eight_bit=is_8bit(message),
+        # RFC 6532: UTF-8 in addresses or in the header block needs SMTPUTF8.
+        utf8=not (
+            sender.isascii()
+            and all(r.isascii() for r in recipients)
+            and message.partition(b"\r\n\r\n")[0].isascii()
+        ),
+    )
+
+
+def mail_params(envelope: Envelope, features: dict[str, str]) -> list[str]:
+    """The MAIL FROM parameters for ``envelope`` given the server's EHLO ``features``.
+
+    Raises:
+        SMTPNotSupportedError: the message needs an extension the server lacks (or
+            is larger than its SIZE); nothing has been sent.
+    """
+    params = []
+    limit = features.get("size", "")
+    if limit.isdigit() and int(limit) > 0 and envelope.size > int(limit):
+        raise SMTPNotSupportedError(
+            f"message is {envelope.size} bytes; the server accepts at most {limit} (SIZE)",
+            stage="mail",
+        )
+    if "size" in features:
+        params.append(f"SIZE={envelope.size}")
+    if envelope.utf8:
+        if "smtputf8" not in features:
+            raise SMTPNotSupportedError(
+                "a non-ASCII address or raw UTF-8 in the headers needs SMTPUTF8 "
+                "(RFC 6531/6532), which the server does not offer; encode headers "
+                "as RFC 2047 words instead",
+                stage="mail",
+            )
+        params.append("SMTPUTF8")
+    if envelope.eight_bit:
+        if "8bitmime" not in features:
+            raise SMTPNotSupportedError(
+                "the message has 8-bit content and the server does not offer 8BITMIME; "
+                "encode it as quoted-printable or base64",
+                stage="mail",
+            )
+        params.append("BODY=8BITMIME")
+    return params
 
 
 class ContentTransfer(Protocol):

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import smtplib
-import socket
 import ssl
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
 
 import structlog
 
@@ -30,56 +26,14 @@ from mailworker.errors import (
 )
 from mailworker.smtp import auth
 from mailworker.smtp._client import Client
-from mailworker.smtp.body import dot_stuff, is_8bit, normalise_line_endings
-from mailworker.smtp.envelope import Envelope, exchange
+from mailworker.smtp._setup import SessionInfo, classify, ehlo_name, tls_context
+from mailworker.smtp.body import dot_stuff, normalise_line_endings
+from mailworker.smtp.envelope import Envelope, build_envelope, exchange, mail_params
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import SendResult
 from mailworker.smtp.transcript import Transcript
 
 log = structlog.get_logger("mailworker.smtp")
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """What we learnt while connecting: for logs and ``mailworker check``."""
-
-    peer: str
-    greeting: str
-    capabilities: tuple[str, ...]
-    tls: dict[str, Any] = field(default_factory=dict)
-    auth_mechanism: str | None = None
-
-
-@functools.lru_cache(maxsize=32)
-def tls_context(
-    verify: bool, ca_file: str | None, client_cert: str | None, client_key: str | None
-) -> ssl.SSLContext:
-    """A client context: certificate and host name verified, TLS >= 1.2.
-
-    Never ``context=None``: smtplib then uses a context that verifies nothing.
-    """
-    context = ssl.create_default_context(cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if client_cert:
-        context.load_cert_chain(client_cert, client_key)
-    return context
-
-
-def ehlo_name(profile: Profile, sock: socket.socket | None) -> str:
-    """The name we give in EHLO: configured, else a dotted host name, else an
-    address literal of our end of the connection (RFC 5321 §4.1.4)."""
-    if profile.local_hostname:
-        return profile.local_hostname
-    host = socket.gethostname()
-    if "." in host:
-        return host
-    if sock is not None:
-        address = sock.getsockname()[0]
-        return f"[IPv6:{address}]" if ":" in address else f"[{address}]"
-    return "[127.0.0.1]"
 
 
 class SMTPSession:
@@ -286,7 +240,7 @@ class SMTPSession:
         if not isinstance(message, (bytes, bytearray)):
             raise InvalidMessageError("message", "must be bytes")
         message = normalise_line_endings(bytes(message))
-        envelope = self._envelope(envelope_from, recipients, message)
+        envelope = build_envelope(envelope_from, recipients, message)
         payload = dot_stuff(message, normalised=True)
         self._deadline = deadline
         try:
@@ -307,36 +261,9 @@ class SMTPSession:
         finally:
             self._deadline = None
 
-    def _envelope(self, sender: str, recipients: Sequence[str], message: bytes) -> Envelope:
-        if isinstance(recipients, str):
-            raise InvalidMessageError("recipients", "must be a list of addresses, not a string")
-        if not recipients:
-            raise InvalidMessageError("recipients", "at least one recipient is required")
-        for name, address in [("envelope_from", sender)] + [
-            (f"recipients[{i}]", r) for i, r in enumerate(recipients)
-        ]:
-            if any(c in address for c in "\r\n<> \t\0"):
-                raise InvalidMessageError(
-                    name, f"{address!r} must be a bare address without CR, LF, spaces or <>"
-                )
-            if address == "" and name != "envelope_from":
-                raise InvalidMessageError(name, "empty address")
-        return Envelope(
-            sender=sender,
-            recipients=tuple(recipients),
-            size=len(message),
-            eight_bit=is_8bit(message),
-            # RFC 6532: UTF-8 in addresses or in the header block needs SMTPUTF8.
-            utf8=not (
-                sender.isascii()
-                and all(r.isascii() for r in recipients)
-                and message.partition(b"\r\n\r\n")[0].isascii()
-            ),
-        )
-
     def _transaction(self, envelope: Envelope, payload: bytes) -> SendResult:
         client = self._require()
-        params = self._mail_params(envelope)
+        params = mail_params(envelope, client.esmtp_features)
         transcript = Transcript()
         client.transcript = transcript
         client.command_encoding = "utf-8" if envelope.utf8 else "ascii"
@@ -367,36 +294,6 @@ class SMTPSession:
             size=result.size,
             transcript=tuple(transcript.lines),
         )
-
-    def _mail_params(self, envelope: Envelope) -> list[str]:
-        client = self._require()
-        params = []
-        limit = client.esmtp_features.get("size", "")
-        if limit.isdigit() and int(limit) > 0 and envelope.size > int(limit):
-            raise SMTPNotSupportedError(
-                f"message is {envelope.size} bytes; the server accepts at most {limit} (SIZE)",
-                stage="mail",
-            )
-        if client.has_extn("size"):
-            params.append(f"SIZE={envelope.size}")
-        if envelope.utf8:
-            if not client.has_extn("smtputf8"):
-                raise SMTPNotSupportedError(
-                    "a non-ASCII address or raw UTF-8 in the headers needs SMTPUTF8 "
-                    "(RFC 6531/6532), which the server does not offer; encode headers "
-                    "as RFC 2047 words instead",
-                    stage="mail",
-                )
-            params.append("SMTPUTF8")
-        if envelope.eight_bit:
-            if not client.has_extn("8bitmime"):
-                raise SMTPNotSupportedError(
-                    "the message has 8-bit content and the server does not offer 8BITMIME; "
-                    "encode it as quoted-printable or base64",
-                    stage="mail",
-                )
-            params.append("BODY=8BITMIME")
-        return params
 
     def _ensure_ready(self) -> bool:
         """Connect or check the held session; True if a new session was opened."""
@@ -518,26 +415,3 @@ class SMTPSession:
             stuck = isinstance(error, (SMTPTimeoutError, SMTPProtocolError))
             self._drop(send_quit=stuck and not (client is not None and client.in_content))
             raise error from exc
-
-
-def classify(exc: BaseException, stage: Stage, host: str) -> SMTPError | None:
-    """Map a low-level failure to our hierarchy; None if it is not an I/O failure."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return SMTPTLSError(f"certificate of {host} not trusted: {exc.verify_message}", stage="tls")
-    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-        return SMTPServerDisconnected("server closed the TLS connection", stage=stage)
-    if isinstance(exc, ssl.SSLError):
-        return SMTPTLSError(f"TLS failed: {exc.reason or exc}", stage="tls")
-    if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
-        return SMTPTimeoutError("no reply within the timeout", stage=stage)
-    if isinstance(exc, smtplib.SMTPServerDisconnected):
-        return SMTPServerDisconnected("server closed the connection", stage=stage)
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return SMTPProtocolError(f"unusable reply: {exc.smtp_error!r}", stage=stage)
-    if isinstance(exc, socket.gaierror):
-        return SMTPServerDisconnected(f"cannot resolve {host}: {exc.strerror}", stage=stage)
-    if isinstance(exc, OSError):
-        return SMTPServerDisconnected(
-            f"connection to {host} failed: {exc.strerror or exc}", stage=stage
-        )
-    return None
