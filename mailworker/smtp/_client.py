@@ -19,6 +19,8 @@ from mailworker.smtp.transcript import REDACTED, Transcript
 
 #: Size of each write of message content; each write has its own data_block timeout.
 _BLOCK = 64 * 1024
+#: How long to look for a refusal after the server stopped reading our content.
+_EARLY_REPLY_WAIT = 2.0
 
 
 class _LineRecorder:
@@ -140,16 +142,30 @@ class Client(smtplib.SMTP):
             self.record_command(line)
         self.send("".join(f"{line}\r\n" for line in lines))
 
-    def send_content(self, payload: bytes, size: int) -> None:
-        """Write dot-stuffed message content; each block gets the socket's timeout."""
+    def send_content(self, payload: bytes, size: int) -> Reply | None:
+        """Write dot-stuffed message content; each block gets the socket's timeout.
+
+        Returns None when all was written, or the server's reply when it refused
+        the message and closed the connection before reading it all (a 5xx right
+        after 354 to a message too large): that verdict beats a "broken pipe".
+        """
         self.transcript.client(f"<message content, {size} bytes>")
         assert self.sock is not None
         view = memoryview(payload)
         self.in_content = True
-        for start in range(0, len(view), _BLOCK):
-            self.sock.sendall(view[start : start + _BLOCK])
+        try:
+            for start in range(0, len(view), _BLOCK):
+                self.sock.sendall(view[start : start + _BLOCK])
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.in_content = False
+            try:
+                self.set_timeout(_EARLY_REPLY_WAIT)
+                return self.reply()
+            except (OSError, smtplib.SMTPException):
+                raise exc from None
         self.in_content = False
         self.transcript.client(".")
+        return None
 
     def set_timeout(self, seconds: float) -> None:
         """The timeout of the next socket operations."""

@@ -144,7 +144,9 @@ class DataTransfer:
         self, client: Client, payload: bytes, size: int, guard: StageGuard, timeouts: Timeouts
     ) -> Reply:
         with guard("data", timeouts.data_block):
-            client.send_content(payload, size)
+            early = client.send_content(payload, size)
+        if early is not None:
+            return early
         try:
             with guard("data", timeouts.data_end):
                 return client.reply()

@@ -277,11 +277,11 @@ class SMTPSession:
                 guard=self._stage,
             )
         except SMTPError as exc:
-            exc.transcript = transcript.as_strings()
             if exc.code == 421:  # the server is closing this session
                 self._drop(send_quit=False)
             elif self.connected:
                 self._reset()
+            exc.transcript = transcript.as_strings()  # with the RSET that followed
             raise
         finally:
             client.transcript = self.transcript
