@@ -53,6 +53,23 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
         },
         "broker_connection_retry_on_startup": True,
     }
+    # The time limits of mailworker's tasks follow these settings (the tasks take
+    # theirs from the environment at import, which may be another configuration).
+    limits = {
+        "time_limit": settings.task_time_limit,
+        "soft_time_limit": settings.task_time_limit * 0.9,
+    }
+    annotations = app.conf.task_annotations
+    updates["task_annotations"] = [
+        {"mailworker.send_mail": limits, "mailworker.send_message": limits},
+        *(
+            annotations
+            if isinstance(annotations, (list, tuple))
+            else [annotations]
+            if annotations
+            else []
+        ),
+    ]
     if broker:
         updates["broker_url"] = settings.broker_url
         updates["result_backend"] = settings.broker_url

@@ -180,7 +180,9 @@ class _Attempt:
             self.dead_letter("invalid", error)
         self.message_id = prepared.message_id
         self.summary = prepared.summary
-        retrying = self.d.policy.retrying(before_retry=lambda: self.d.pool.discard(self.profile))
+        retrying = self.d.policy.retrying(
+            before_retry=lambda: self.d.pool.discard(self.profile), deadline=self.deadline
+        )
         try:
             for try_ in retrying:
                 with try_:
@@ -227,6 +229,11 @@ class _Attempt:
         """The message was accepted before (a redelivery): finish its follow-up if a
         failure interrupted it, send nothing."""
         self.message_id = done.get("message_id")
+        # The follow-up's retry must send the same message: same Message-ID and Date.
+        for name in ("message_id", "date"):
+            if done.get(name):
+                self.meta.setdefault(name, done[name])
+        self.attempts = max(self.attempts, int(done.get("attempts") or 0))
         self.log.info("mail.duplicate_skipped", message_id=self.message_id)
         self.follow_up(done)
         return {**done, "duplicate": True}
@@ -287,6 +294,7 @@ class _Attempt:
             "reply": str(result.reply),
             "queue_id": result.queue_id,
             "attempts": self.attempts,
+            "date": self.meta.get("date"),
         }
         ttl = self.d.settings.max_age + 86400
         for pause in (0.1, 0.5, 0):

@@ -98,6 +98,8 @@ class SMTPError(MailworkerError):
         cause = self.__cause__
         if cause is not None and not isinstance(cause, SMTPError):
             parts.append(f"cause: {type(cause).__name__}: {cause}")
+        if self.in_doubt:
+            parts.append("in doubt: the whole message was sent, the server may have accepted it")
         parts.append("transient" if self.is_transient else "permanent")
         return " — ".join(parts)
 

@@ -15,6 +15,7 @@ the dead-letter store at once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,16 @@ def retry_now(exc: BaseException) -> bool:
     )
 
 
+class _StopAt(tenacity.stop.stop_base):
+    """Stop once a ``time.monotonic()`` deadline has passed."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return time.monotonic() >= self.deadline
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Delays and limits of both retry layers."""
@@ -59,11 +70,21 @@ class RetryPolicy:
             settings.inprocess_max_wait,
         )
 
-    def retrying(self, before_retry: Callable[[], None]) -> tenacity.Retrying:
-        """In-process retries; ``before_retry`` runs before each (drop the session)."""
+    def retrying(
+        self, before_retry: Callable[[], None], *, deadline: float | None = None
+    ) -> tenacity.Retrying:
+        """In-process retries; ``before_retry`` runs before each (drop the session).
+
+        No retry starts after ``deadline`` (a ``time.monotonic()`` time): past it
+        every attempt would fail at once and hide the failure that mattered.
+        """
+        stop = tenacity.stop_after_attempt(self.inprocess_attempts) | tenacity.stop_after_delay(
+            self.inprocess_max_wait
+        )
+        if deadline is not None:
+            stop = stop | _StopAt(deadline)
         return tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.inprocess_attempts)
-            | tenacity.stop_after_delay(self.inprocess_max_wait),
+            stop=stop,
             wait=tenacity.wait_exponential(multiplier=0.2, max=1.5) + tenacity.wait_random(0, 0.2),
             retry=tenacity.retry_if_exception(retry_now),
             before_sleep=lambda _state: before_retry(),
