@@ -20,13 +20,12 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Any
 
 import redis
 import structlog
 
+from mailworker._prepare import SEND_MAIL, SEND_MESSAGE, Prepared, prepare
 from mailworker.deadletter import DeadLetter, DeadLetterStore
 from mailworker.errors import (
     ConfigError,
@@ -36,7 +35,6 @@ from mailworker.errors import (
     SMTPRecipientsRefused,
 )
 from mailworker.ledger import Ledger
-from mailworker.message import MailPayload, RawPayload, build_message, message_bytes
 from mailworker.retry import RetryPolicy
 from mailworker.schedule import RetrySchedule
 from mailworker.sessions import SessionPool
@@ -44,23 +42,6 @@ from mailworker.settings import Settings
 from mailworker.smtp import SendResult
 
 log = structlog.get_logger("mailworker.delivery")
-
-SEND_MAIL = "mailworker.send_mail"
-SEND_MESSAGE = "mailworker.send_message"
-#: Arguments that steer delivery rather than describe the message.
-_CONTROL = ("profile", "idempotency_key", "_meta")
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A validated message, ready for the wire."""
-
-    envelope_from: str
-    recipients: list[str]
-    data: bytes
-    message_id: str | None
-    date: str | None
-    summary: dict[str, Any]
 
 
 class Delivery:
@@ -247,40 +228,13 @@ class _Attempt:
         return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
 
     def prepare(self) -> Prepared:
-        fields = {k: v for k, v in self.kwargs.items() if k not in _CONTROL}
-        override = self.meta.get("recipients")
-        if self.task == SEND_MESSAGE:
-            raw = RawPayload.from_task_kwargs(fields)
-            self.d.pool.get(self.profile)  # unknown profile: invalid, before any I/O
-            return Prepared(
-                raw.envelope_from,
-                list(override or raw.recipients),
-                raw.message,
-                raw.message_id,
-                None,
-                raw.summary(),
-            )
-        payload = MailPayload.from_task_kwargs(fields, default_from=self.d.settings.default_from)
-        self.d.pool.get(self.profile)
-        message = build_message(payload)
-        # Every attempt of a message sends the same Message-ID and Date; the id is
-        # derived from the message key and the first task id, so even a redelivery
-        # that lost its retry state (a worker killed after the server's 250) repeats
-        # it, while a key reused for another message later gets a new one.
-        if payload.header("Message-ID") is None:
-            self.meta.setdefault(
-                "message_id",
-                _message_id(self.meta["key"], self.meta["origin"], payload.envelope_from),
-            )
-        _pin(message, "Message-ID", self.meta.setdefault("message_id", message["Message-ID"]))
-        _pin(message, "Date", self.meta.setdefault("date", message["Date"]))
-        return Prepared(
-            payload.envelope_from,
-            list(override or payload.recipients),
-            message_bytes(message),
-            self.meta["message_id"],
-            self.meta["date"],
-            payload.summary(),
+        """Validate and build the message (the profile is checked too, before any I/O)."""
+        return prepare(
+            self.task,
+            self.kwargs,
+            self.meta,
+            default_from=self.d.settings.default_from,
+            check_profile=self.d.pool.get,
         )
 
     def record_sent(self, result: SendResult) -> dict[str, Any]:
@@ -482,14 +436,6 @@ class _Attempt:
         }
 
 
-def _message_id(key: str, origin: str, sender: str) -> str:
-    """A Message-ID that depends only on the message key, the task that first carried
-    it and the sender's domain."""
-    digest = hashlib.sha256(f"{key}\n{origin}".encode()).hexdigest()[:32]
-    domain = sender.rpartition("@")[2] or "mailworker.invalid"
-    return f"<{digest}@{domain}>"
-
-
 def _reply_line(error: dict[str, Any]) -> str | None:
     """The server's reply as it was sent, code first (``451 4.2.0 try later``)."""
     code, text = error.get("code"), error.get("reply")
@@ -510,11 +456,6 @@ def _rough_recipients(kwargs: dict[str, Any]) -> list[str]:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _pin(message: EmailMessage, header: str, value: str) -> None:
-    del message[header]
-    message[header] = value
 
 
 __all__ = ["SEND_MAIL", "SEND_MESSAGE", "Delivery"]
