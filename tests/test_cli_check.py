@@ -156,6 +156,45 @@ class TestCheck:
         assert "535" in line
         assert_no_secret(result.output)
 
+    def test_server_wanting_auth_the_profile_lacks(
+        self, cli: Invoke, smtp_server: SMTPFactory, tls_ca: TLSMaterials
+    ) -> None:
+        """A profile without credentials fails against a server that wants AUTH, at
+        MAIL FROM with the server's 530, and no message is sent."""
+        server = smtp_server(tls="starttls", auth=True)
+        result = cli(
+            "check",
+            env={
+                "MAILWORKER_SMTP_URL": url_for(server, tls_ca.ca_file, user=None),
+                "MAILWORKER_DEFAULT_FROM": "App <app@example.com>",
+            },
+        )
+        assert result.exit_code == 1
+        line = one_line_error(result)
+        assert "[mail] server refused the sender" in line
+        assert "530" in line
+        assert server.handler.messages == []
+
+    def test_sender_is_probed_without_a_message(
+        self, cli: Invoke, smtp_server: SMTPFactory, tls_ca: TLSMaterials
+    ) -> None:
+        """A passing check has asked MAIL FROM for MAILWORKER_DEFAULT_FROM, then RSET,
+        and sent no message."""
+        server = smtp_server(tls="starttls", auth=True)
+        result = cli(
+            "check",
+            "--transcript",
+            env={
+                "MAILWORKER_SMTP_URL": url_for(server, tls_ca.ca_file),
+                "MAILWORKER_DEFAULT_FROM": "App <app@example.com>",
+            },
+        )
+        assert result.exit_code == 0, result.output
+        assert "MAIL FROM:<app@example.com>" in result.output
+        assert server.handler.counts["MAIL"] == 1
+        assert server.handler.counts["RSET"] == 1
+        assert server.handler.counts["DATA"] == 0
+
     def test_unreachable(self, cli: Invoke, tls_ca: TLSMaterials) -> None:
         """A port nobody listens on fails with one line saying the connection failed."""
         result = cli("check", env={"MAILWORKER_SMTP_URL": url_for(free_port(), tls_ca.ca_file)})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import logging
+import os
 import ssl
 import sys
 import time
@@ -59,6 +61,11 @@ def quiet_logs(secrets: Iterable[str] = ()) -> Iterator[None]:
             structlog.configure(**previous)
         else:
             structlog.reset_defaults()
+
+
+def _default_sender() -> str:
+    """The bare address of MAILWORKER_DEFAULT_FROM, or the null sender."""
+    return email.utils.parseaddr(os.environ.get("MAILWORKER_DEFAULT_FROM", ""))[1]
 
 
 def echo_field(label: str, value: str) -> None:
@@ -134,7 +141,8 @@ def check(profile_name: str, transcript: bool) -> None:
     Opens a session as the worker would (TLS as the URL's scheme says, the certificate
     verified, EHLO, AUTH), prints the greeting, TLS version and cipher, the server
     certificate's subject, issuer and expiry, the EHLO capabilities and the AUTH
-    mechanism used, then says QUIT. No message is sent.
+    mechanism used, asks the server whether it takes mail from MAILWORKER_DEFAULT_FROM
+    (MAIL FROM, then RSET), then says QUIT. No message is sent.
 
     Exits 0 if the profile can send; otherwise 1, with a one-line reason (untrusted
     certificate, STARTTLS not offered, AUTH refused, server unreachable, ...). The
@@ -151,6 +159,9 @@ def check(profile_name: str, transcript: bool) -> None:
     with quiet_logs([profile.password or ""]):
         try:
             session.connect()
+            # Connecting is not sending: a server may still want AUTH (530) or refuse
+            # the sender; ask it, without sending a message.
+            session.probe(_default_sender())
         except SMTPError as exc:
             if transcript and exc.transcript:
                 click.echo("Transcript:")

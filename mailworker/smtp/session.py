@@ -318,6 +318,24 @@ class SMTPSession:
                 return True
         return False
 
+    def probe(self, envelope_from: str = "") -> Reply:
+        """Check that the server would take mail from ``envelope_from``: MAIL FROM,
+        then RSET, no message. A server that wants AUTH first says so here (530).
+
+        Raises:
+            SMTPReplyError: the sender was refused (``stage="mail"``).
+            SMTPError: connecting or the exchange failed.
+        """
+        build_envelope(envelope_from, ["postmaster"], b"")
+        self._ensure_ready()
+        client = self._require()
+        with self._stage("mail", self.profile.timeouts.mail):
+            reply = client.command(f"MAIL FROM:<{envelope_from}>")
+        if not reply.ok:
+            raise self._fail(SMTPReplyError, "server refused the sender", "mail", reply)
+        self._reset()
+        return reply
+
     # -- closing ---------------------------------------------------------------
 
     def close(self) -> None:
