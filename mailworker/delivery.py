@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -92,12 +91,21 @@ class Delivery:
         attempt = _Attempt(
             self, task=task, task_id=task_id, kwargs=kwargs, meta=meta, started=started
         )
+        origin = meta["origin"]
         done = self.ledger.sent(key)
-        if done is not None:  # before the poison guard: a sent message is never poison
+        if done is not None and _follow_up_done(done):
+            # Before the poison guard: a sent message is never poison.
             return attempt.already_sent(done)
-        starts = self.ledger.count_start(task_id, ttl=self.settings.max_age + 86400)
+        too_old = float(meta["first_attempt_at"]) + self.settings.max_age
+        if started > too_old + self.settings.task_time_limit:
+            # Whatever kept it going (redeliveries, lock deferrals), it is too old now
+            # (the last scheduled retry runs at the maximum age, maybe a little late).
+            attempt.dead_letter("exhausted", {"type": "MaxAge", "message": "past the maximum age"})
+        # Starts are counted per message (its first task id), not per task message: a
+        # run killed by the hard time limit comes back as a lock deferral with
+        # another task id, and must still count.
+        starts = self.ledger.count_start(origin, ttl=self.settings.max_age + 86400)
         if starts > 1 + self.settings.max_redeliveries:
-            # The message was redelivered after killing its worker this many times.
             error = {"type": "Poison", "message": f"started {starts} times without finishing"}
             attempt.dead_letter("poison", error)
         token = self.ledger.acquire(key, ttl=self.settings.lock_ttl)
@@ -118,7 +126,11 @@ class Delivery:
         finally:
             with contextlib.suppress(redis.RedisError):  # both expire on their own
                 self.ledger.release(key, token)
-                self.ledger.forget_starts(task_id)
+                self.ledger.forget_starts(origin)
+
+
+def _follow_up_done(record: dict[str, Any]) -> bool:
+    return not record.get("refused") or bool(record.get("follow_up_done"))
 
 
 class _Attempt:
@@ -145,6 +157,8 @@ class _Attempt:
         self.transcript: list[str] = []
         self.summary: dict[str, Any] = {}
         self.message_id: str | None = meta.get("message_id")
+        #: The server's verdict once it accepted the message (nothing may resend it).
+        self.result: SendResult | None = None
         self.log = log.bind(task_id=task_id, message_key=meta["key"], profile=self.profile)
         #: SMTP exchanges end by then, in any pool: well inside the task's time limits
         #: (the threads pool enforces none), so a send never outlives its lock.
@@ -169,14 +183,12 @@ class _Attempt:
                 with try_:
                     self.attempts += 1
                     session = self.d.pool.get(self.profile)
-                    result = session.send(
+                    self.result = session.send(
                         prepared.envelope_from,
                         prepared.recipients,
                         prepared.data,
                         deadline=self.deadline,
                     )
-                    # Any retry after here would be a duplicate: record it now.
-                    record = self.record_sent(result)
         except SMTPError as exc:
             self.transcript = exc.transcript
             return self.failed(exc, prepared)
@@ -187,6 +199,10 @@ class _Attempt:
             self.d.pool.discard(self.profile, send_quit=False)
             error = {"type": type(exc).__name__, "message": "task time limit reached"}
             return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
+        result = self.result
+        assert result is not None  # the loop ends by success or by raising
+        # Any retry after here would be a duplicate: record it now.
+        record = self.record_sent(result)
         self.transcript = [str(line) for line in result.transcript]
         self.log.info(
             "mail.sent",
@@ -221,9 +237,25 @@ class _Attempt:
 
     def unexpected(self, exc: Exception) -> dict[str, Any]:
         """A failure outside the SMTP exchange: drop the session (its state is
-        unknown) and retry later."""
+        unknown) and retry later — unless the server had already accepted the
+        message, which must not be sent again."""
         self.log.exception("mail.error", error_type=type(exc).__name__)
         self.d.pool.discard(self.profile, send_quit=False)
+        if self.result is not None:
+            self.log.error(
+                "mail.idempotency_unrecorded",
+                error=f"{type(exc).__name__} after the server accepted the message",
+                accepted=self.result.accepted,
+            )
+            return {
+                "status": "sent",
+                "message_id": self.message_id,
+                "accepted": self.result.accepted,
+                "refused": {r: o.to_dict() for r, o in self.result.refused.items()},
+                "reply": str(self.result.reply),
+                "attempts": self.attempts,
+                "idempotency_recorded": False,
+            }
         error = {"type": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}"[:500]}
         return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
 
@@ -329,7 +361,9 @@ class _Attempt:
             return {"status": "dead_lettered", "reason": "exhausted", "recipients": recipients}
         meta["retries"] = retries
         kwargs = {**self.kwargs, "_meta": meta}
-        retry_id = str(uuid.uuid4())
+        # Derived, not random: a follow-up or retry scheduled twice (a redelivery
+        # redoing it) is one entry, one task.
+        retry_id = f"{meta['key']}/retry/{retries}"
         self.d.schedule.add(retry_id, self.task, kwargs, due)
         self.log.info(
             "mail.deferred",
@@ -366,8 +400,8 @@ class _Attempt:
         """Another delivery of this message is running now (a redelivery overtook it):
         look again once its lock has expired, rather than run beside it."""
         due = self.d._clock() + self.d.settings.lock_ttl
-        # One look per task message, however many redeliveries overtake it.
-        retry_id = f"{self.task_id}/locked"
+        # One look per message, however many redeliveries overtake it.
+        retry_id = f"{self.meta['origin']}/locked"
         self.d.schedule.add(retry_id, self.task, {**self.kwargs, "_meta": self.meta}, due)
         self.log.info(
             "mail.deferred",

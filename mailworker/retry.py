@@ -42,13 +42,15 @@ def retry_now(exc: BaseException) -> bool:
 
 
 class _StopAt(tenacity.stop.stop_base):
-    """Stop once a ``time.monotonic()`` deadline has passed."""
+    """Stop when the next attempt would start after a ``time.monotonic()`` deadline."""
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return time.monotonic() >= self.deadline
+        # The coming sleep is known here with tenacity >= 9 (0 before: then the
+        # check is only as good as "now").
+        return time.monotonic() + (retry_state.upcoming_sleep or 0) >= self.deadline
 
 
 @dataclass(frozen=True)

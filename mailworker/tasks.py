@@ -84,8 +84,8 @@ def _redis(settings: Settings) -> redis.Redis:
     # Bounded waits: a hung Redis must fail a task well inside its time limit.
     return redis.Redis.from_url(
         settings.redis_url,
-        socket_timeout=10,
-        socket_connect_timeout=10,
+        socket_timeout=5,
+        socket_connect_timeout=5,
         health_check_interval=30,
     )
 

@@ -156,13 +156,18 @@ class Client(smtplib.SMTP):
         try:
             for start in range(0, len(view), _BLOCK):
                 self.sock.sendall(view[start : start + _BLOCK])
-        except (BrokenPipeError, ConnectionResetError) as exc:
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
             self.in_content = False
             try:
                 self.set_timeout(_EARLY_REPLY_WAIT)
-                return self.reply()
+                early = self.reply()
             except (OSError, smtplib.SMTPException):
                 raise exc from None
+            if early.ok:  # acceptance of a message that never ended is no verdict
+                raise smtplib.SMTPResponseException(
+                    early.code, b"reply before the end of data"
+                ) from exc
+            return early
         self.in_content = False
         self.transcript.client(".")
         return None

@@ -97,6 +97,15 @@ class SMTPSession:
         """
         if self.connected:
             return
+        try:
+            self._open()
+        except BaseException:
+            # Never leave a session half set up (greeted but without STARTTLS or AUTH
+            # yet) for the next send to use: whatever stopped us, it goes.
+            self._drop(send_quit=False)
+            raise
+
+    def _open(self) -> None:
         profile = self.profile
         context = None
         if profile.uses_tls:
@@ -326,11 +335,16 @@ class SMTPSession:
             SMTPReplyError: the sender was refused (``stage="mail"``).
             SMTPError: connecting or the exchange failed.
         """
-        build_envelope(envelope_from, ["postmaster"], b"")
+        envelope = build_envelope(envelope_from, ["postmaster"], b"\r\n")
         self._ensure_ready()
         client = self._require()
-        with self._stage("mail", self.profile.timeouts.mail):
-            reply = client.command(f"MAIL FROM:<{envelope_from}>")
+        params = [p for p in mail_params(envelope, client.esmtp_features) if p == "SMTPUTF8"]
+        client.command_encoding = "utf-8" if envelope.utf8 else "ascii"
+        try:
+            with self._stage("mail", self.profile.timeouts.mail):
+                reply = client.command(" ".join([f"MAIL FROM:<{envelope_from}>", *params]))
+        finally:
+            client.command_encoding = "ascii"
         if not reply.ok:
             raise self._fail(SMTPReplyError, "server refused the sender", "mail", reply)
         self._reset()
