@@ -70,6 +70,14 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
             else []
         ),
     ]
+    if getattr(app, "finalized", False):
+        # Annotations reach tasks when they are bound; these already are.
+        for name in ("mailworker.send_mail", "mailworker.send_message"):
+            task = app.tasks.get(name)
+            if task is not None:
+                # celery-types says int; Celery takes seconds as a float.
+                task.time_limit = limits["time_limit"]  # type: ignore[assignment]
+                task.soft_time_limit = limits["soft_time_limit"]  # type: ignore[assignment]
     if broker:
         updates["broker_url"] = settings.broker_url
         updates["result_backend"] = settings.broker_url

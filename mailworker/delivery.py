@@ -66,7 +66,13 @@ class Delivery:
         self._clock = clock
 
     def run(
-        self, task: str, task_id: str, kwargs: dict[str, Any], *, queue: str | None = None
+        self,
+        task: str,
+        task_id: str,
+        kwargs: dict[str, Any],
+        *,
+        queue: str | None = None,
+        time_limit: float | None = None,
     ) -> dict[str, Any]:
         """Deliver (or defer, or dead-letter) one message; returns the task result.
 
@@ -75,6 +81,9 @@ class Delivery:
             task_id: this task message's id.
             kwargs: the task's arguments.
             queue: the queue the task came from; its retries go back there.
+            time_limit: the running task's hard time limit (default
+                ``MAILWORKER_TASK_TIME_LIMIT``); sends end well before it and the
+                message's lock outlives it.
 
         Raises:
             DeadLetteredError: the message went to the dead-letter store.
@@ -88,16 +97,19 @@ class Delivery:
         meta.setdefault("origin", task_id)
         if queue:
             meta.setdefault("queue", queue)
+        limit = time_limit or self.settings.task_time_limit
         attempt = _Attempt(
             self, task=task, task_id=task_id, kwargs=kwargs, meta=meta, started=started
         )
+        attempt.deadline = time.monotonic() + limit * 0.8
+        attempt.lock_ttl = limit + 2
         origin = meta["origin"]
         done = self.ledger.sent(key)
         if done is not None and _follow_up_done(done):
             # Before the poison guard: a sent message is never poison.
             return attempt.already_sent(done)
         too_old = float(meta["first_attempt_at"]) + self.settings.max_age
-        if started > too_old + self.settings.task_time_limit:
+        if started > too_old + limit:
             # Whatever kept it going (redeliveries, lock deferrals), it is too old now
             # (the last scheduled retry runs at the maximum age, maybe a little late).
             attempt.dead_letter("exhausted", {"type": "MaxAge", "message": "past the maximum age"})
@@ -108,7 +120,7 @@ class Delivery:
         if starts > 1 + self.settings.max_redeliveries:
             error = {"type": "Poison", "message": f"started {starts} times without finishing"}
             attempt.dead_letter("poison", error)
-        token = self.ledger.acquire(key, ttl=self.settings.lock_ttl)
+        token = self.ledger.acquire(key, ttl=attempt.lock_ttl)
         if token is None:
             return attempt.defer_locked()
         try:
@@ -163,6 +175,7 @@ class _Attempt:
         #: SMTP exchanges end by then, in any pool: well inside the task's time limits
         #: (the threads pool enforces none), so a send never outlives its lock.
         self.deadline = time.monotonic() + delivery.settings.task_time_limit * 0.8
+        self.lock_ttl = delivery.settings.lock_ttl
 
     # -- the happy path ----------------------------------------------------------
 
@@ -399,7 +412,7 @@ class _Attempt:
     def defer_locked(self) -> dict[str, Any]:
         """Another delivery of this message is running now (a redelivery overtook it):
         look again once its lock has expired, rather than run beside it."""
-        due = self.d._clock() + self.d.settings.lock_ttl
+        due = self.d._clock() + self.lock_ttl
         # One look per message, however many redeliveries overtake it.
         retry_id = f"{self.meta['origin']}/locked"
         self.d.schedule.add(retry_id, self.task, {**self.kwargs, "_meta": self.meta}, due)

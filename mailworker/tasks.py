@@ -100,7 +100,7 @@ def _queue(task: Task[Any, Any]) -> str | None:
 def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     task_id = task.request.id or f"eager-{time.time_ns()}"
     try:
-        return delivery().run(name, task_id, kwargs, queue=_queue(task))
+        return delivery().run(name, task_id, kwargs, queue=_queue(task), time_limit=task.time_limit)
     except redis.RedisError as exc:
         # Nothing could be recorded: hand the message back unacknowledged.
         log.warning("mail.redis_unavailable", task_id=task_id, error=str(exc))
