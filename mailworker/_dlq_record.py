@@ -27,7 +27,7 @@ REASONS: tuple[str, ...] = get_args(DeadLetterReason)
 #: ones, so a re-queue deriving the key from ``idempotency_key`` again would be
 #: skipped as a duplicate. Keeping it also makes two re-queues of one record
 #: deliver once.
-KEPT_META = ("key", "message_id", "date", "recipients", "queue")
+KEPT_META = ("key", "message_id", "date", "recipients", "queue", "exchange")
 
 _CODE = re.compile(r"^[245]\d\d$")
 _CODE_CLASS = re.compile(r"^[245]xx$", re.IGNORECASE)

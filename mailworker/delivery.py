@@ -72,6 +72,7 @@ class Delivery:
         kwargs: dict[str, Any],
         *,
         queue: str | None = None,
+        exchange: str | None = None,
         time_limit: float | None = None,
     ) -> dict[str, Any]:
         """Deliver (or defer, or dead-letter) one message; returns the task result.
@@ -80,7 +81,9 @@ class Delivery:
             task: the task name (``mailworker.send_mail`` or ``mailworker.send_message``).
             task_id: this task message's id.
             kwargs: the task's arguments.
-            queue: the queue the task came from; its retries go back there.
+            queue: the queue (routing key) the task came from; its retries go back
+                there.
+            exchange: the exchange it came through, when not the default one.
             time_limit: the running task's hard time limit (default
                 ``MAILWORKER_TASK_TIME_LIMIT``); sends end well before it and the
                 message's lock outlives it.
@@ -97,6 +100,8 @@ class Delivery:
         meta.setdefault("origin", task_id)
         if queue:
             meta.setdefault("queue", queue)
+            if exchange:
+                meta.setdefault("exchange", exchange)
         limit = time_limit or self.settings.task_time_limit
         attempt = _Attempt(
             self, task=task, task_id=task_id, kwargs=kwargs, meta=meta, started=started

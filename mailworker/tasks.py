@@ -90,17 +90,27 @@ def _redis(settings: Settings) -> redis.Redis:
     )
 
 
-def _queue(task: Task[Any, Any]) -> str | None:
-    """The queue this task message came from, so its retries go back there."""
+def _route(task: Task[Any, Any]) -> tuple[str | None, str | None]:
+    """Where this task message came from — exchange (None for the default one) and
+    routing key (the queue's name on the default exchange) — so its retries go back
+    there."""
     info = task.request.delivery_info or {}
-    queue = info.get("routing_key")
-    return str(queue) if queue else None
+    exchange, key = info.get("exchange"), info.get("routing_key")
+    return (str(exchange) if exchange else None, str(key) if key else None)
 
 
 def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     task_id = task.request.id or f"eager-{time.time_ns()}"
     try:
-        return delivery().run(name, task_id, kwargs, queue=_queue(task), time_limit=task.time_limit)
+        exchange, routing_key = _route(task)
+        return delivery().run(
+            name,
+            task_id,
+            kwargs,
+            queue=routing_key,
+            exchange=exchange,
+            time_limit=task.time_limit,
+        )
     except redis.RedisError as exc:
         # Nothing could be recorded: hand the message back unacknowledged.
         log.warning("mail.redis_unavailable", task_id=task_id, error=str(exc))
@@ -184,17 +194,21 @@ def send_message(  # noqa: PLR0917 -- the task's signature is the public API
 
 
 def enqueue(task_name: str, kwargs: dict[str, Any], task_id: str | None = None) -> str:
-    """Publish ``task_name(**kwargs)`` with the current Celery app, to the queue the
-    message first came from (kept in its ``_meta``); returns the task id."""
+    """Publish ``task_name(**kwargs)`` with the current Celery app, where the message
+    first came from (kept in its ``_meta``); returns the task id."""
     return str(
-        current_app.send_task(task_name, kwargs=kwargs, task_id=task_id, queue=_queue_of(kwargs)).id
+        current_app.send_task(task_name, kwargs=kwargs, task_id=task_id, **_route_of(kwargs)).id
     )
 
 
-def _queue_of(kwargs: dict[str, Any]) -> str | None:
+def _route_of(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``send_task`` routing options for a message's recorded origin."""
     meta = kwargs.get("_meta")
-    queue = meta.get("queue") if isinstance(meta, dict) else None
-    return str(queue) if queue else None
+    if not isinstance(meta, dict) or not meta.get("queue"):
+        return {}
+    if meta.get("exchange"):
+        return {"exchange": str(meta["exchange"]), "routing_key": str(meta["queue"])}
+    return {"queue": str(meta["queue"])}
 
 
 # -- worker life cycle -------------------------------------------------------------
@@ -223,7 +237,7 @@ def _start_mover(sender: Any = None, **_: Any) -> None:
     dlq = DeadLetterStore(client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
 
     def publish(task: ScheduledTask) -> None:
-        app.send_task(task.task, kwargs=task.kwargs, task_id=task.id, queue=_queue_of(task.kwargs))
+        app.send_task(task.task, kwargs=task.kwargs, task_id=task.id, **_route_of(task.kwargs))
 
     # Records past MAILWORKER_DLQ_TTL go even when no new dead letter arrives.
     _state.mover = RetryMover(RetrySchedule(client), publish, housekeeping=dlq.prune)

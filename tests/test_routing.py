@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from mailworker.deadletter import DeadLetterStore
-from mailworker.tasks import send_mail
+from mailworker.tasks import _route_of, send_mail
 from tests.servers import SMTPServer
 from tests.worker_process import (
     WorkerProcess,
@@ -164,3 +164,21 @@ class TestQueues:
         assert dlq.count() == 0
         mail_worker.stop()
         assert len(mail_worker.events("mail.sent")) == 1
+
+
+class TestRouteOf:
+    """Retries and re-queues are published where their message first came from."""
+
+    def test_exchange_and_routing_key_are_kept(self) -> None:
+        """A message that came through a named exchange goes back through it with its
+        routing key, not to a queue named after the key."""
+        meta = {"queue": "mail.transactional", "exchange": "mail"}
+        assert _route_of({"_meta": meta}) == {
+            "exchange": "mail",
+            "routing_key": "mail.transactional",
+        }
+
+    def test_default_route(self) -> None:
+        """Without an exchange the queue is named; without a record, the app routes."""
+        assert _route_of({"_meta": {"queue": "mail"}}) == {"queue": "mail"}
+        assert _route_of({"to": "a@example.org"}) == {}
