@@ -37,6 +37,7 @@ from mailworker.sessions import SessionPool
 from mailworker.settings import Settings
 from mailworker.smtp import SMTPSession
 from tests.servers import (
+    DEFAULT_TOKEN,
     DEFAULT_USER,
     ScriptConnection,
     ScriptedServer,
@@ -759,3 +760,133 @@ class TestConfigure:
         limit = task.time_limit or app.conf.task_time_limit
         assert limit is not None
         assert limit * 2 < 20, f"hard time limit {limit} s, visibility timeout 20 s"
+
+
+class _Interrupt(Exception):
+    """Stands in for Celery's SoftTimeLimitExceeded."""
+
+
+class TestHalfSetUpSession:
+    def test_deadline_during_setup_leaves_no_session_behind(
+        self, smtp_server: SMTPFactory, tls_ca: TLSMaterials
+    ) -> None:
+        """A deadline that passes while a session is being set up (a slow OAuth token
+        refresh) drops it: the next send starts over with STARTTLS and AUTH instead of
+        sending on a session without them."""
+        server = smtp_server(tls="starttls", auth=True)
+        slow = [True]
+
+        def provider() -> str:
+            if slow:
+                slow.pop()
+                time.sleep(0.5)
+            return DEFAULT_TOKEN
+
+        profile = Profile.from_url(
+            smtp_url(server.port, user=DEFAULT_USER, ca_file=tls_ca.ca_file, auth="XOAUTH2"),
+            oauth_token_provider=provider,
+        )
+        session = SMTPSession(profile)
+        with pytest.raises(SMTPTimeoutError):
+            session.send(SENDER, [RCPT], MESSAGE, deadline=time.monotonic() + 0.2)
+        assert not session.connected
+
+        result = session.send(SENDER, [RCPT], MESSAGE)
+        session.close()
+
+        assert result.accepted == [RCPT]
+        [message] = server.handler.messages
+        assert message.tls
+        assert message.auth_user == DEFAULT_USER
+
+
+class TestNoResendAfterAcceptance:
+    def test_interrupt_after_the_250_does_not_send_again(
+        self,
+        server: SMTPServer,
+        redis_client: redis.Redis,
+        redis_url: str,
+        schedule: RetrySchedule,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A time limit that strikes while the acceptance is being recorded neither
+        schedules the message again nor loses the result: one copy, status sent."""
+        environ = {
+            **BASE_ENV,
+            "MAILWORKER_BROKER_URL": redis_url,
+            "MAILWORKER_SMTP_URL": smtp_url(server.port, scheme="smtp"),
+        }
+        pool = SessionPool(lambda name: Profile.from_env(name, environ))
+        delivery = Delivery(
+            Settings.from_env(environ), redis_client, pool, interrupts=(_Interrupt,)
+        )
+        fail_once(monkeypatch, delivery.ledger, "record_sent", _Interrupt("soft time limit"))
+
+        result = delivery.run(SEND_MAIL, "task-interrupted", mail())
+        pool.close_all()
+
+        assert result["status"] == "sent"
+        assert result["idempotency_recorded"] is False
+        assert copies(server) == Counter({RCPT: 1})
+        assert schedule.pending() == 0
+
+
+class TestPoisonPerMessage:
+    def test_lock_deferrals_count_towards_poison(
+        self,
+        delivery: Delivery,
+        server: SMTPServer,
+        redis_client: redis.Redis,
+        schedule: RetrySchedule,
+        dlq: DeadLetterStore,
+    ) -> None:
+        """A message whose runs keep dying (each leaving its lock behind) is
+        dead-lettered as poison even though it comes back as lock deferrals with other
+        task ids, and every deferral of it is one scheduled entry."""
+        kwargs = mail()
+        origin = running = "task-dies"
+        for _ in range(6):
+            # A run that died holding the lock: counted, lock left behind.
+            delivery.ledger.count_start(origin, ttl=60)
+            delivery.ledger.acquire(origin, ttl=60)
+            try:
+                result = delivery.run(SEND_MAIL, running, kwargs)
+            except DeadLetteredError:
+                break
+            assert result["reason"] == "locked"
+            assert schedule.pending() == 1
+            redis_client.delete(keys.lock(origin))
+            task = claim_one(schedule)
+            kwargs, running = task.kwargs, task.id
+            assert running == f"{origin}/locked"
+        [record] = dlq.list()
+        assert record.reason == "poison"
+        assert server.handler.messages == []
+
+
+class TestEarlyRefusalOverTLS:
+    def test_refusal_mid_content_over_implicit_tls(
+        self, scripted_server: ScriptedFactory, tls_ca: TLSMaterials
+    ) -> None:
+        """A server that refuses a large message with 552 right after 354 and closes is
+        reported with its 552 (permanent), also over TLS, not as a dropped connection."""
+
+        def script(conn: ScriptConnection) -> None:
+            conn.greet_and_ehlo(extensions=("8BITMIME",))
+            conn.expect("MAIL", "250 OK")
+            conn.expect("RCPT", "250 OK")
+            conn.expect("DATA", "354 go ahead")
+            conn.readline()
+            conn.send("552 5.3.4 Message too big for this system")
+            conn.close()
+
+        server = scripted_server(script, tls="implicit")
+        profile = Profile.from_url(
+            smtp_url(server.port, scheme="smtps", ca_file=tls_ca.ca_file, timeout=5)
+        )
+        big = MESSAGE + (b"y" * 998 + b"\r\n") * 4000
+        with SMTPSession(profile) as session, pytest.raises(SMTPReplyError) as failure:
+            session.send(SENDER, [RCPT], big)
+
+        assert failure.value.code == 552
+        assert not failure.value.is_transient
