@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import redis
 
+from mailworker.deadletter import DeadLetterStore
+from mailworker.schedule import RetrySchedule
 from tests.servers import RedisServer, Script, ScriptedServer, SMTPServer, TLSMaterials
 
 #: Databases handed out by ``redis_url`` in turn (0 is left alone).
@@ -133,3 +135,15 @@ def redis_server_factory() -> Iterator[Callable[..., RedisServer]]:
     yield create
     for server in reversed(servers):
         server.stop()
+
+
+@pytest.fixture
+def schedule(redis_client: redis.Redis) -> RetrySchedule:
+    """The delayed-retry schedule in the test's database."""
+    return RetrySchedule(redis_client)
+
+
+@pytest.fixture
+def dlq(redis_client: redis.Redis) -> DeadLetterStore:
+    """The dead-letter store in the test's database (where workers write)."""
+    return DeadLetterStore(redis_client)

@@ -124,18 +124,6 @@ def delivery(make_delivery: Callable[..., Delivery]) -> Delivery:
     return make_delivery()
 
 
-@pytest.fixture
-def schedule(redis_client: redis.Redis) -> RetrySchedule:
-    """The delayed-retry schedule in the test's database."""
-    return RetrySchedule(redis_client)
-
-
-@pytest.fixture
-def dlq(redis_client: redis.Redis) -> DeadLetterStore:
-    """The dead-letter store in the test's database."""
-    return DeadLetterStore(redis_client)
-
-
 def only_record(dlq: DeadLetterStore) -> DeadLetter:
     """The one dead-letter record there must be."""
     records = dlq.list()

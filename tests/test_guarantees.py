@@ -165,18 +165,6 @@ def delivery(make_delivery: Callable[..., Delivery]) -> Delivery:
     return make_delivery()
 
 
-@pytest.fixture
-def schedule(redis_client: redis.Redis) -> RetrySchedule:
-    """The delayed-retry schedule in the test's database."""
-    return RetrySchedule(redis_client)
-
-
-@pytest.fixture
-def dlq(redis_client: redis.Redis) -> DeadLetterStore:
-    """The dead-letter store in the test's database."""
-    return DeadLetterStore(redis_client)
-
-
 class TestInDoubt:
     """A message sent in full whose verdict never came is not sent again at once."""
 

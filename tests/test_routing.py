@@ -5,10 +5,9 @@ alike; nothing lands in Celery's default "celery" queue, which nobody consumes h
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
@@ -21,6 +20,7 @@ from tests.worker_process import (
     mailworker_executable,
     producer,
     smtp_url,
+    wait_for,
     worker_env,
 )
 
@@ -28,19 +28,6 @@ pytestmark = pytest.mark.slow
 
 #: The only queue the worker consumes.
 QUEUE = "mail"
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def default_queue_lists(client: redis.Redis) -> dict[bytes, int]:
@@ -80,12 +67,6 @@ def mail_worker(env: dict[str, str], tmp_path: Path) -> Iterator[WorkerProcess]:
     yield worker
     if worker.running:
         worker.kill()
-
-
-@pytest.fixture
-def dlq(redis_client: redis.Redis) -> DeadLetterStore:
-    """The dead-letter store the worker writes to."""
-    return DeadLetterStore(redis_client)
 
 
 def publish_to_mail_queue(**kwargs: Any) -> Any:

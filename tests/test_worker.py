@@ -13,7 +13,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
@@ -29,6 +29,7 @@ from tests.worker_process import (
     mailworker_executable,
     producer,
     smtp_url,
+    wait_for,
     worker_env,
 )
 
@@ -50,20 +51,6 @@ TERMINAL_FIELDS = (
     "reply",
     "transcript",
 )
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def publish(count: int, prefix: str) -> list[str]:
@@ -161,12 +148,6 @@ def start_worker(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Worke
     for worker in workers:
         if worker.running:
             worker.kill()
-
-
-@pytest.fixture
-def dlq(redis_client: redis.Redis) -> DeadLetterStore:
-    """The dead-letter store the worker writes to."""
-    return DeadLetterStore(redis_client)
 
 
 class TestSessions:

@@ -24,9 +24,9 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 from celery import _state as celery_state
@@ -36,6 +36,8 @@ from mailworker.settings import Settings
 
 #: Settings every end-to-end test starts from (seconds): short retry delays, a task
 #: time limit below half the visibility timeout.
+T = TypeVar("T")
+
 BASE_SETTINGS: Mapping[str, str] = {
     "MAILWORKER_DEFAULT_FROM": "App <app@example.com>",
     "MAILWORKER_RETRY_DELAYS": "1,1,2",
@@ -329,3 +331,15 @@ def producer(env: Mapping[str, str]) -> Iterator[Celery]:
     finally:
         previous.set_current()
         app.close()
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll ``predicate`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
