@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import click
 
 from mailworker.config import Profile, profile_names
@@ -11,9 +13,16 @@ from mailworker.settings import Settings
 
 
 def profile_secrets(profiles: list[Profile]) -> list[str]:
-    """Every secret the profiles hold, for the log redactor."""
-    secrets = [p.password for p in profiles if p.password]
+    """Every secret the profiles hold, as text and in the base64 forms AUTH sends
+    (PLAIN, LOGIN), for the log redactor."""
+    secrets: list[str] = []
     for profile in profiles:
+        user = (profile.username or "").encode()
+        if profile.password:
+            password = profile.password.encode()
+            secrets.append(profile.password)
+            secrets.append(base64.b64encode(password).decode())
+            secrets.append(base64.b64encode(b"\0" + user + b"\0" + password).decode())
         if profile.oauth_token_provider is not None:
             secrets.append(profile.oauth_token_provider())
     return secrets
