@@ -4,7 +4,7 @@ Point an application (or ``mailworker worker``) at it instead of a real provider
 
     with DevServer("mail", port=0, tls="starttls", auth=("dev", "secret")) as server:
         print(server.url())        # smtp+starttls://dev:secret@localhost:PORT?ca_file=...
-        ...
+        run_your_app_against(server.url())
         print(server.counters.summary())
 
 It speaks real SMTP (aiosmtpd) over real TLS: at start it makes a throw-away CA and a
