@@ -15,6 +15,7 @@ the dead-letter store at once.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ class RetryPolicy:
     max_age: float
     inprocess_attempts: int = 3
     inprocess_max_wait: float = 4.0
+    #: Each delayed retry's delay varies by up to this fraction, either way: after
+    #: an outage, messages deferred in the same second do not all return at once.
+    jitter: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
@@ -70,6 +74,7 @@ class RetryPolicy:
             settings.max_age,
             settings.inprocess_attempts,
             settings.inprocess_max_wait,
+            settings.retry_jitter,
         )
 
     def retrying(
@@ -94,8 +99,12 @@ class RetryPolicy:
         )
 
     def delay(self, retry_number: int) -> float:
-        """Seconds before delayed retry ``retry_number`` (1 = the first)."""
-        return self.delays[min(retry_number, len(self.delays)) - 1]
+        """Seconds before delayed retry ``retry_number`` (1 = the first), jittered."""
+        delay = self.delays[min(retry_number, len(self.delays)) - 1]
+        if self.jitter:
+            # Spreading retries is not a security matter: random is fine here.
+            delay *= 1 + random.uniform(-self.jitter, self.jitter)  # noqa: S311
+        return delay
 
     def due(self, retry_number: int, first_attempt_at: float, now: float) -> float | None:
         """When to run delayed retry ``retry_number``, or None once the maximum age

@@ -6,6 +6,8 @@
 ``MAILWORKER_DEFAULT_FROM``        ``from_email`` when a task gives none
 ``MAILWORKER_RETRY_DELAYS``        seconds between delayed retries, last repeats
                                    (default ``60,300,900,3600,14400``)
+``MAILWORKER_RETRY_JITTER``        each delay varies by up to this fraction (default 0.1), so
+                                   messages deferred together do not return together
 ``MAILWORKER_MAX_AGE``             give up this many seconds after the first attempt
                                    (default 86400)
 ``MAILWORKER_VISIBILITY_TIMEOUT``  Redis broker redelivery timeout (default 600)
@@ -37,6 +39,7 @@ class Settings:
     redis_url: str = field(default="", repr=False)
     default_from: str | None = None
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+    retry_jitter: float = 0.1
     max_age: float = 86400.0
     visibility_timeout: float = 600.0
     task_time_limit: float = 0.0
@@ -68,6 +71,10 @@ class Settings:
                 "MAILWORKER_TASK_TIME_LIMIT must be below half of MAILWORKER_VISIBILITY_TIMEOUT "
                 f"(now {self.task_time_limit:g} s and {self.visibility_timeout:g} s)"
             )
+        if not 0 <= self.retry_jitter < 1:
+            raise ConfigError(
+                "MAILWORKER_RETRY_JITTER: give a fraction from 0 to below 1, e.g. 0.1"
+            )
         if self.log_format not in (None, "json", "console"):
             raise ConfigError("MAILWORKER_LOG_FORMAT: use 'json' or 'console'")
 
@@ -96,6 +103,7 @@ class Settings:
             "MAILWORKER_VISIBILITY_TIMEOUT": "visibility_timeout",
             "MAILWORKER_TASK_TIME_LIMIT": "task_time_limit",
             "MAILWORKER_DLQ_TTL": "dlq_ttl",
+            "MAILWORKER_RETRY_JITTER": "retry_jitter",
         }
         for var, name in numbers.items():
             if env.get(var):

@@ -54,6 +54,7 @@ MESSAGE = b"From: app@example.com\r\nTo: ann@example.org\r\nSubject: hi\r\n\r\nh
 BASE_ENV = {
     "MAILWORKER_DEFAULT_FROM": f"App <{SENDER}>",
     "MAILWORKER_RETRY_DELAYS": "1,1,2",
+    "MAILWORKER_RETRY_JITTER": "0",
     "MAILWORKER_MAX_AGE": "60",
     "MAILWORKER_VISIBILITY_TIMEOUT": "10",
     "MAILWORKER_TASK_TIME_LIMIT": "4",

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from mailworker.ledger import Ledger
+from mailworker.retry import RetryPolicy
 from mailworker.schedule import RetryMover, RetrySchedule, ScheduledTask
 
 
@@ -152,3 +153,23 @@ class TestLedger:
         assert ledger.count_start("t2", ttl=60) == 1
         ledger.forget_starts("t1")
         assert ledger.count_start("t1", ttl=60) == 1
+
+
+class TestRetryPolicy:
+    def test_delays_follow_the_table_and_the_last_repeats(self) -> None:
+        """Delayed retry n waits the n-th delay; past the table, the last one."""
+        policy = RetryPolicy((60.0, 300.0), max_age=86400)
+        assert [policy.delay(n) for n in (1, 2, 3, 9)] == [60.0, 300.0, 300.0, 300.0]
+
+    def test_jitter_spreads_delays_within_its_fraction(self) -> None:
+        """With jitter, delays vary but stay within the configured fraction."""
+        policy = RetryPolicy((100.0,), max_age=86400, jitter=0.1)
+        delays = {policy.delay(1) for _ in range(200)}
+        assert len(delays) > 100
+        assert all(90.0 <= d <= 110.0 for d in delays)
+
+    def test_last_retry_lands_on_the_maximum_age(self) -> None:
+        """A delay overshooting the maximum age is cut to it; after it, none is due."""
+        policy = RetryPolicy((3600.0,), max_age=5000)
+        assert policy.due(1, first_attempt_at=0, now=2000) == 5000
+        assert policy.due(2, first_attempt_at=0, now=5000) is None

@@ -41,6 +41,7 @@ T = TypeVar("T")
 BASE_SETTINGS: Mapping[str, str] = {
     "MAILWORKER_DEFAULT_FROM": "App <app@example.com>",
     "MAILWORKER_RETRY_DELAYS": "1,1,2",
+    "MAILWORKER_RETRY_JITTER": "0",
     "MAILWORKER_MAX_AGE": "60",
     "MAILWORKER_VISIBILITY_TIMEOUT": "10",
     "MAILWORKER_TASK_TIME_LIMIT": "4",

@@ -64,6 +64,7 @@ DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 WORKER_KEYS = (
     "REDIS_URL",
     "RETRY_DELAYS",
+    "RETRY_JITTER",
     "MAX_AGE",
     "VISIBILITY_TIMEOUT",
     "TASK_TIME_LIMIT",
