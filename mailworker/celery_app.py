@@ -85,6 +85,8 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
     return app
 
 
-app = configure(Celery("mailworker", include=["mailworker.tasks"], set_as_current=False))
+#: This process's settings, read from the environment once.
+SETTINGS = Settings.from_env()
+app = configure(Celery("mailworker", include=["mailworker.tasks"], set_as_current=False), SETTINGS)
 # Our own worker's process: structlog renders Celery's records too (mailworker.logs).
 app.conf.update(worker_hijack_root_logger=False, result_expires=86400)

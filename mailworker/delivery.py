@@ -104,10 +104,14 @@ class Delivery:
                 meta.setdefault("exchange", exchange)
         limit = time_limit or self.settings.task_time_limit
         attempt = _Attempt(
-            self, task=task, task_id=task_id, kwargs=kwargs, meta=meta, started=started
+            self,
+            task=task,
+            task_id=task_id,
+            kwargs=kwargs,
+            meta=meta,
+            started=started,
+            time_limit=limit,
         )
-        attempt.deadline = time.monotonic() + limit * 0.8
-        attempt.lock_ttl = limit + 2
         origin = meta["origin"]
         done = self.ledger.sent(key)
         if done is not None and _follow_up_done(done):
@@ -162,6 +166,7 @@ class _Attempt:
         kwargs: dict[str, Any],
         meta: dict[str, Any],
         started: float,
+        time_limit: float,
     ) -> None:
         self.d = delivery
         self.task = task
@@ -178,9 +183,10 @@ class _Attempt:
         self.result: SendResult | None = None
         self.log = log.bind(task_id=task_id, message_key=meta["key"], profile=self.profile)
         #: SMTP exchanges end by then, in any pool: well inside the task's time limits
-        #: (the threads pool enforces none), so a send never outlives its lock.
-        self.deadline = time.monotonic() + delivery.settings.task_time_limit * 0.8
-        self.lock_ttl = delivery.settings.lock_ttl
+        #: (the threads pool enforces none), so a send never outlives its lock, which
+        #: outlives the task.
+        self.deadline = time.monotonic() + time_limit * 0.8
+        self.lock_ttl = time_limit + 2
 
     # -- the happy path ----------------------------------------------------------
 

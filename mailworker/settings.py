@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 from mailworker.errors import ConfigError
 
+#: Where producers and workers meet unless MAILWORKER_BROKER_URL says otherwise.
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0, 14400.0)
 
 
@@ -35,7 +37,7 @@ class Settings:
     """Everything a worker process needs besides the SMTP profiles."""
 
     # URLs may hold a Redis password: kept out of repr().
-    broker_url: str = field(default="redis://localhost:6379/0", repr=False)
+    broker_url: str = field(default=DEFAULT_BROKER_URL, repr=False)
     redis_url: str = field(default="", repr=False)
     default_from: str | None = None
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS

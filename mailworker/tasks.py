@@ -19,6 +19,7 @@ from celery import Task, current_app, shared_task, signals
 from celery import _state as celery_state
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
+from mailworker.celery_app import SETTINGS as celery_settings
 from mailworker.celery_app import app as celery_app
 from mailworker.config import Profile
 from mailworker.deadletter import DeadLetterStore
@@ -47,7 +48,7 @@ _state = _ProcessState()
 _EXPECTED = (DeadLetteredError,)
 #: Delivery guarantees live on the tasks, not in the app, so that an existing app
 #: running them keeps its own defaults for its other tasks.
-_SETTINGS = Settings.from_env()
+_SETTINGS = celery_settings
 _TASK_OPTIONS: dict[str, Any] = {
     "bind": True,
     # Below half the visibility timeout (Settings checks): see celery_app.configure.
@@ -71,7 +72,7 @@ def delivery() -> Delivery:
     """This process's delivery machinery, created on first use after the fork."""
     with _state.lock:
         if _state.delivery is None or _state.pid != os.getpid():
-            settings = Settings.from_env()
+            settings = _SETTINGS
             client = _redis(settings)
             _state.delivery = Delivery(
                 settings, client, SessionPool(_profile), interrupts=(SoftTimeLimitExceeded,)
@@ -232,7 +233,7 @@ def _start_mover(sender: Any = None, **_: Any) -> None:
     app = sender.app if sender is not None else None
     if app is None:
         return
-    settings = Settings.from_env()
+    settings = _SETTINGS
     client = _redis(settings)
     dlq = DeadLetterStore(client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
 

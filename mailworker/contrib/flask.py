@@ -56,10 +56,10 @@ from mailworker.contrib._producer import Producer, load_celery_app, producer_app
 from mailworker.delivery import SEND_MAIL  # noqa: E402
 from mailworker.errors import ConfigError  # noqa: E402
 from mailworker.message import MailPayload  # noqa: E402
+from mailworker.settings import DEFAULT_BROKER_URL  # noqa: E402
 
 __all__ = ["AttachmentSpec", "MailWorker"]
 
-DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 #: An attachment for :meth:`MailWorker.send`: a file path, ``(filename, content)``,
 #: ``(filename, content, mimetype)``, or a dict with ``filename``, ``content`` and
 #: optionally ``mimetype`` and ``content_id`` (an inline image for ``<img src="cid:...">``).

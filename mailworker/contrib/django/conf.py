@@ -42,7 +42,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from mailworker.config import Profile
 from mailworker.contrib._producer import Producer, load_celery_app, producer_app
 from mailworker.errors import ConfigError
-from mailworker.settings import Settings
+from mailworker.settings import DEFAULT_BROKER_URL, Settings
 
 __all__ = [
     "DEFAULT_BROKER_URL",
@@ -59,7 +59,6 @@ __all__ = [
     "worker_environ",
 ]
 
-DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 #: Keys of ``settings.MAILWORKER`` that are passed to the worker as ``MAILWORKER_<KEY>``.
 WORKER_KEYS = (
     "REDIS_URL",
