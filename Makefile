@@ -45,6 +45,7 @@ $(STAMP): pyproject.toml
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck:
 	$(BIN)/mypy --strict mailworker tests/type_usage

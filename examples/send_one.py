@@ -13,7 +13,7 @@ import json
 import sys
 
 from mailworker.errors import DeadLetteredError
-from mailworker.tasks import send_mail
+from mailworker.worker.tasks import send_mail
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,12 @@
 
 from typing import TYPE_CHECKING, Any
 
-from mailworker.config import Profile, Timeouts
 from mailworker.errors import (
     ConfigError,
     DeadLetteredError,
     InvalidMessageError,
     MailworkerError,
+    PublishError,
     SMTPAuthError,
     SMTPError,
     SMTPNotSupportedError,
@@ -18,10 +18,18 @@ from mailworker.errors import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
-from mailworker.smtp import RecipientResult, Reply, SendResult, SessionInfo, SMTPSession
+from mailworker.smtp import (
+    Profile,
+    RecipientResult,
+    Reply,
+    SendResult,
+    SessionInfo,
+    SMTPSession,
+    Timeouts,
+)
 
 if TYPE_CHECKING:
-    from mailworker.tasks import send_mail, send_message
+    from mailworker.worker.tasks import send_mail, send_message
 
 __version__ = "0.1.0"
 
@@ -31,7 +39,7 @@ _TASKS = ("send_mail", "send_message")
 
 def __getattr__(name: str) -> Any:
     if name in _TASKS:
-        from mailworker import tasks  # noqa: PLC0415
+        from mailworker.worker import tasks  # noqa: PLC0415
 
         return getattr(tasks, name)
     raise AttributeError(f"module 'mailworker' has no attribute {name!r}")
@@ -43,6 +51,7 @@ __all__ = [
     "InvalidMessageError",
     "MailworkerError",
     "Profile",
+    "PublishError",
     "RecipientResult",
     "Reply",
     "SMTPAuthError",

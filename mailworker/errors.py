@@ -37,6 +37,10 @@ class DeadLetteredError(MailworkerError):
     """The message was moved to the dead-letter store; it will not be retried."""
 
 
+class PublishError(MailworkerError, ConnectionError):
+    """The task could not be published: the broker (or the result store) is unreachable."""
+
+
 class SMTPError(MailworkerError):
     """An SMTP exchange failed; carries the reply, the stage and whether to retry.
 

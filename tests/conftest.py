@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from mailworker.deadletter import DeadLetterStore
-from mailworker.schedule import RetrySchedule
+from mailworker.store.deadletter import DeadLetterStore
+from mailworker.store.schedule import RetrySchedule
 from tests.servers import RedisServer, Script, ScriptedServer, SMTPServer, TLSMaterials
 
 #: Databases handed out by ``redis_url`` in turn (0 is left alone).

@@ -45,7 +45,7 @@ from mailworker import (
     SMTPTimeoutError,
 )
 from mailworker.smtp import SendResult
-from mailworker.tasks import send_mail
+from mailworker.worker.tasks import send_mail
 from tests.smtp.helpers import verb, wire_form
 from tests.worker_process import WorkerProcess, producer, worker_env
 

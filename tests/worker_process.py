@@ -6,7 +6,7 @@
   stdout and stderr captured to one file, waits for "ready", stops it warmly (SIGTERM)
   or kills the whole group (SIGKILL), and reads its JSON log lines back;
 - :func:`producer` configures a fresh Celery app from the same environment and makes
-  it the current app, so ``send_mail.delay(...)`` from :mod:`mailworker.tasks` publishes
+  it the current app, so ``send_mail.delay(...)`` from :mod:`mailworker.worker.tasks` publishes
   to this test's broker. mailworker's own app reads its configuration once, at import;
   a fresh app per test also gets a fresh broker connection pool.
 
@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Celery
-from celery import _state as celery_state
 
-from mailworker.celery_app import configure
-from mailworker.settings import Settings
+from mailworker.worker import app as worker_app
+from mailworker.worker.app import configure
+from mailworker.worker.settings import Settings
 
 #: Settings every end-to-end test starts from (seconds): short retry delays, a task
 #: time limit below half the visibility timeout.
@@ -315,22 +315,20 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def producer(env: Mapping[str, str]) -> Iterator[Celery]:
-    """A Celery app configured from ``env`` exactly as the worker's, made current.
+    """A Celery app configured from ``env`` exactly as the worker's.
 
-    Inside the block ``mailworker.tasks.send_mail.delay(...)`` (a shared task, resolved
-    through the current app) publishes to ``env``'s broker, and results come back from
-    it. The previous current app is restored and the app's connections are closed after.
+    Inside the block ``mailworker.send_mail.delay(...)`` publishes through it (configure()
+    makes an app the publishing one) to ``env``'s broker, and results come back from it.
+    The previous publishing app is restored and the app's connections are closed after.
     """
-    import mailworker.tasks  # noqa: F401, PLC0415 -- registers the shared tasks
-
-    app = Celery("mailworker-test-producer", set_as_current=False)
-    configure(app, Settings.from_env(env))
-    previous = celery_state.get_current_app()
-    app.set_current()
+    previous = list(worker_app._publishing)
+    app = configure(
+        Celery("mailworker-test-producer", set_as_current=False), Settings.from_env(env)
+    )
     try:
         yield app
     finally:
-        previous.set_current()
+        worker_app._publishing[:] = previous
         app.close()
 
 

@@ -1,8 +1,8 @@
 """What ``mailworker dlq`` prints for people (the ``list`` table, the ``show`` page, the
 ``stats`` counts), and the durations its options take.
 
-``--json`` output is the records' own :meth:`~mailworker.deadletter.DeadLetter.summary` and
-:meth:`~mailworker.deadletter.DeadLetter.details`, written by the commands.
+``--json`` output is the records' own :meth:`~mailworker.store.deadletter.DeadLetter.summary` and
+:meth:`~mailworker.store.deadletter.DeadLetter.details`, written by the commands.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mailworker.deadletter import DeadLetter
+from mailworker.store.deadletter import DeadLetter
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")

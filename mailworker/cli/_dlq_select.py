@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from mailworker.cli._dlq_format import parse_duration
-from mailworker.deadletter import REASONS, DeadLetterStore, code_matcher
+from mailworker.store.deadletter import REASONS, DeadLetterStore, code_matcher
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -15,11 +15,11 @@ from typing import Any
 import click
 import structlog
 
-from mailworker.config import Profile
 from mailworker.errors import ConfigError, SMTPError
-from mailworker.logs import Redactor
 from mailworker.smtp import SessionInfo, SMTPSession
+from mailworker.smtp.profile import Profile
 from mailworker.smtp.transcript import TranscriptLine
+from mailworker.worker.logs import Redactor
 
 #: Width of the label column.
 _LABEL = 14

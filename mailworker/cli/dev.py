@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from mailworker.devserver import DevServer
+    from mailworker.dev.server import DevServer
 
 #: What to install when aiosmtpd or trustme is missing.
 INSTALL_HINT = 'pip install "mailworker[devserver]"'
@@ -162,7 +162,7 @@ def devserver(
       mailworker devserver --port 2525
       mailworker devserver --tls starttls --auth dev:secret --reject '*@bounce.example'
     """
-    dev = load("mailworker.devserver")
+    dev = load("mailworker.dev.server")
     server: DevServer = dev.DevServer(
         maildir,
         host=host,
@@ -230,7 +230,7 @@ def demo(messages: int, timeout: float, keep: bool) -> None:
 
     Needs redis-server on PATH and the devserver extra.
     """
-    module = load("mailworker.demo")
+    module = load("mailworker.dev.demo")
     try:
         with sigterm_as_interrupt():
             module.run_demo(messages=messages, timeout=timeout, keep=keep, echo=click.echo)

@@ -1,9 +1,9 @@
 """``mailworker dlq ...``: list, show, re-queue, purge and count dead letters.
 
 Re-queueing goes through a *publisher*, ``publish(task_name, kwargs) -> task_id``. By
-default it is :func:`mailworker.tasks.enqueue`, imported only when ``dlq retry`` runs;
-to use another one (tests do), invoke the command with a :class:`DlqHooks` as click's
-``obj``::
+default it is :func:`default_publish` (:mod:`mailworker.queue.producer`, imported only
+when ``dlq retry`` runs); to use another one (tests do), invoke the command with a
+:class:`DlqHooks` as click's ``obj``::
 
     CliRunner().invoke(main, ["dlq", "retry", "--all"], obj=DlqHooks(publish=fake))
 
@@ -25,9 +25,9 @@ import redis
 
 from mailworker.cli._dlq_format import describe, parse_duration, plural, record_table, stats_lines
 from mailworker.cli._dlq_select import duration_option, filter_options, store_filters, target_ids
-from mailworker.deadletter import DeadLetterStore
 from mailworker.errors import ConfigError
-from mailworker.settings import Settings
+from mailworker.store.deadletter import DeadLetterStore
+from mailworker.worker.settings import Settings
 
 __all__ = ["PROGRESS_MIN", "DlqHooks", "Publish", "default_publish", "dlq", "parse_duration"]
 
@@ -43,17 +43,19 @@ class DlqHooks:
     """What a caller can swap in, passed as click's ``obj``.
 
     Attributes:
-        publish: the publisher for ``dlq retry``; None means ``mailworker.tasks.enqueue``.
+        publish: the publisher for ``dlq retry``; None means :func:`default_publish`.
     """
 
     publish: Publish | None = None
 
 
 def default_publish(task_name: str, kwargs: dict[str, Any]) -> str:
-    """Enqueue with ``mailworker.tasks.enqueue`` (imported now, not at CLI start-up)."""
-    from mailworker.tasks import enqueue  # noqa: PLC0415 - Celery only when needed
+    """Publish to ``MAILWORKER_BROKER_URL``, back to the queue the message came from
+    (Celery is imported now, not at CLI start-up)."""
+    from mailworker.queue.producer import Producer, producer_app  # noqa: PLC0415
 
-    return enqueue(task_name, kwargs)
+    app = producer_app(Settings.from_env().broker_url)
+    return str(Producer(app).publish(task_name, kwargs).id)
 
 
 @dataclass

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -18,16 +17,18 @@ from mailworker.cli.check import (
     one_line,
     quiet_logs,
 )
-from mailworker.errors import ConfigError, InvalidMessageError, SMTPError, SMTPRecipientsRefused
+from mailworker.errors import (
+    ConfigError,
+    InvalidMessageError,
+    PublishError,
+    SMTPError,
+    SMTPRecipientsRefused,
+)
 from mailworker.message import MailPayload, build_message, message_bytes
-from mailworker.settings import Settings
+from mailworker.queue.names import SEND_MAIL
 from mailworker.smtp import SendResult, SMTPSession
+from mailworker.worker.settings import Settings
 
-if TYPE_CHECKING:
-    from celery import Celery
-
-#: Seconds to wait for the broker when enqueueing.
-_CONNECT_TIMEOUT = 5.0
 #: Stands in for the worker's MAILWORKER_DEFAULT_FROM when validating a queued message.
 _WORKERS_SENDER = "sender@worker.invalid"
 #: The option a payload field comes from, to name it in a usage error.
@@ -74,38 +75,6 @@ def validate(kwargs: dict[str, Any], default_from: str | None) -> MailPayload:
         root = exc.field.split("[")[0].split(".")[0]
         option = _OPTION.get(root, exc.field)
         raise click.UsageError(f"{option}: {exc}") from None
-
-
-@contextlib.contextmanager
-def producer_app(settings: Settings) -> Iterator[Celery]:
-    """A Celery app configured as the worker's, made the current app for the block (so
-    :mod:`mailworker.tasks` publishes to ``settings.broker_url``); closed after.
-
-    Celery is imported here, not when the CLI starts.
-    """
-    from celery import Celery  # noqa: PLC0415
-    from celery import _state as celery_state  # noqa: PLC0415
-
-    from mailworker.celery_app import configure  # noqa: PLC0415
-
-    app = configure(Celery("mailworker-cli", set_as_current=False), settings)
-    # Fail in seconds, not after Celery's 20 reconnects of the result store.
-    app.conf.broker_transport_options = {
-        **app.conf.broker_transport_options,
-        "socket_connect_timeout": _CONNECT_TIMEOUT,
-    }
-    app.conf.result_backend_transport_options = {
-        **app.conf.result_backend_transport_options,
-        "retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 1},
-    }
-    app.conf.redis_socket_connect_timeout = _CONNECT_TIMEOUT
-    previous = celery_state.get_current_app()
-    app.set_current()
-    try:
-        yield app
-    finally:
-        previous.set_current()
-        app.close()
 
 
 def echo_result(result: SendResult) -> None:
@@ -220,16 +189,10 @@ def send(
     # The worker holds the SMTP profiles and may have its own MAILWORKER_DEFAULT_FROM:
     # check everything else now, the sender only if there is one to check.
     validate(kwargs, settings.default_from or _WORKERS_SENDER)
-    from kombu.utils.url import maybe_sanitize_url  # noqa: PLC0415 -- Celery's, imported late
+    from mailworker.queue.producer import Producer, producer_app  # noqa: PLC0415 -- Celery
 
-    from mailworker import tasks  # noqa: PLC0415 -- imports Celery
-
-    broker = maybe_sanitize_url(settings.broker_url)
-    with producer_app(settings):
-        try:
-            task_id = tasks.enqueue(tasks.send_mail.name, kwargs)
-        except Exception as exc:  # kombu's OperationalError, redis errors, RuntimeError
-            raise click.ClickException(
-                f"could not enqueue to {broker}: {type(exc).__name__}: {one_line(str(exc))}"
-            ) from None
-    click.echo(task_id)
+    try:
+        result = Producer(producer_app(settings.broker_url)).publish(SEND_MAIL, kwargs)
+    except PublishError as exc:
+        raise click.ClickException(one_line(str(exc))) from None
+    click.echo(result.id)

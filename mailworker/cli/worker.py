@@ -6,10 +6,10 @@ import base64
 
 import click
 
-from mailworker.config import Profile, profile_names
 from mailworker.errors import ConfigError
-from mailworker.logs import configure_logging
-from mailworker.settings import Settings
+from mailworker.smtp.profile import Profile, profile_names
+from mailworker.worker.logs import configure_logging
+from mailworker.worker.settings import Settings
 
 
 def profile_secrets(profiles: list[Profile]) -> list[str]:
@@ -64,6 +64,6 @@ def worker(celery_args: tuple[str, ...]) -> None:
         raise click.UsageError(str(exc)) from None
     profiles = load_profiles()
     configure_logging(settings.log_format, secrets=profile_secrets(profiles))
-    from mailworker.celery_app import app  # noqa: PLC0415 -- importing it configures Celery
+    from mailworker.worker.app import create_app  # noqa: PLC0415 -- imports Celery
 
-    app.worker_main(["worker", *celery_args])
+    create_app(settings).worker_main(["worker", *celery_args])

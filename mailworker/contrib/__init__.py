@@ -14,17 +14,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from mailworker.errors import MailworkerError
+from mailworker.errors import MailworkerError, PublishError
 
 __all__ = ["MissingExtraError", "PublishError", "import_extra"]
 
 
 class MissingExtraError(MailworkerError, ImportError):
     """An integration was imported without its framework; the message says what to install."""
-
-
-class PublishError(MailworkerError, ConnectionError):
-    """The task could not be published: the broker (or the result store) is unreachable."""
 
 
 def import_extra(module: str, extra: str) -> ModuleType:

@@ -52,11 +52,10 @@ from celery import Celery  # noqa: E402
 from celery.result import AsyncResult  # noqa: E402
 from flask import Flask, current_app  # noqa: E402
 
-from mailworker.contrib._producer import Producer, load_celery_app, producer_app  # noqa: E402
-from mailworker.delivery import SEND_MAIL  # noqa: E402
 from mailworker.errors import ConfigError  # noqa: E402
 from mailworker.message import MailPayload  # noqa: E402
-from mailworker.settings import DEFAULT_BROKER_URL  # noqa: E402
+from mailworker.queue.names import DEFAULT_BROKER_URL, SEND_MAIL  # noqa: E402
+from mailworker.queue.producer import Producer, load_celery_app, producer_app  # noqa: E402
 
 __all__ = ["AttachmentSpec", "MailWorker"]
 

@@ -10,7 +10,6 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailworker.config import Profile
 from mailworker.errors import (
     SMTPError,
     SMTPProtocolError,
@@ -19,6 +18,7 @@ from mailworker.errors import (
     SMTPTLSError,
     Stage,
 )
+from mailworker.smtp.profile import Profile
 
 
 @dataclass(frozen=True)

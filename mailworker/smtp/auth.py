@@ -12,9 +12,9 @@ import binascii
 import hmac
 from collections.abc import Callable, Sequence
 
-from mailworker.config import Profile
 from mailworker.errors import SMTPNotSupportedError
 from mailworker.smtp._client import Client
+from mailworker.smtp.profile import Profile
 from mailworker.smtp.reply import Reply
 
 #: Answers the server: called with None for the initial response (returns None

@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from mailworker.config import Timeouts
 from mailworker.errors import (
     InvalidMessageError,
     SMTPError,
@@ -27,6 +26,7 @@ from mailworker.errors import (
 )
 from mailworker.smtp._client import Client
 from mailworker.smtp.body import is_8bit
+from mailworker.smtp.profile import Timeouts
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import RecipientResult, RecipientStatus
 

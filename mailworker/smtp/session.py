@@ -11,7 +11,6 @@ from types import TracebackType
 
 import structlog
 
-from mailworker.config import Profile
 from mailworker.errors import (
     InvalidMessageError,
     SMTPAuthError,
@@ -29,6 +28,7 @@ from mailworker.smtp._client import Client
 from mailworker.smtp._setup import SessionInfo, classify, ehlo_name, tls_context
 from mailworker.smtp.body import dot_stuff, normalise_line_endings
 from mailworker.smtp.envelope import Envelope, build_envelope, exchange, mail_params
+from mailworker.smtp.profile import Profile
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import SendResult
 from mailworker.smtp.transcript import Transcript

@@ -34,4 +34,10 @@ class TestImports:
         assert "mailworker.smtp.session" in modules
         forbidden = {"celery", "kombu", "redis", "billiard"}
         assert [m for m in modules if m.split(".")[0] in forbidden] == []
-        assert [m for m in modules if m.startswith(("mailworker.tasks", "mailworker.celery"))] == []
+        assert [
+            m
+            for m in modules
+            if m.startswith(
+                ("mailworker.worker", "mailworker.store", "mailworker.queue", "mailworker.tasks")
+            )
+        ] == []

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from mailworker.contrib import PublishError
 from mailworker.contrib.django import conf
-from mailworker.delivery import SEND_MESSAGE
 from mailworker.message import RawPayload
+from mailworker.queue.names import SEND_MESSAGE
 
 if TYPE_CHECKING:  # Django has no type information; its classes are opaque to mypy.
     _BaseEmailBackend = object

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode, urlsplit
 
-from mailworker.config import Profile
-from mailworker.contrib._producer import Producer, load_celery_app, producer_app
 from mailworker.errors import ConfigError
-from mailworker.settings import DEFAULT_BROKER_URL, Settings
+from mailworker.queue.names import DEFAULT_BROKER_URL
+from mailworker.queue.producer import Producer, load_celery_app, producer_app
+from mailworker.smtp.profile import Profile
 
 __all__ = [
     "DEFAULT_BROKER_URL",
@@ -418,6 +418,10 @@ def _email_problem(message: str, *, clear_text: bool) -> Problem:
 
 
 def _check_worker_settings(_s: Any, section: dict[str, Any]) -> Iterator[Problem]:
+    # Validated as the worker will read them; imported here, not by the web process's
+    # EmailBackend.
+    from mailworker.worker.settings import Settings  # noqa: PLC0415
+
     env: dict[str, str] = {}
     for key in WORKER_KEYS:
         if section.get(key) is None:

@@ -1,0 +1,124 @@
+"""Extra header fields in a ``send_mail`` payload: their validation and their folding."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from email.policy import Policy
+from email.utils import parsedate_to_datetime
+from typing import Final
+
+from mailworker.message._address import parse_address
+from mailworker.message._fields import fail, header_text, type_name
+
+# Header fields the payload has its own argument for.
+_ARGUMENT_HEADERS: Final = {
+    "from": "from_email",
+    "to": "to",
+    "cc": "cc",
+    "bcc": "bcc",
+    "reply-to": "reply_to",
+    "subject": "subject",
+}
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # printable ASCII except ':' (RFC 5322 ftext)
+_MSG_ID = re.compile(r"<[!-;=?-~]+@[!-;=?-~]+>")  # printable ASCII except '<' and '>'
+_FOLD_WORD = re.compile(r"[ \t]*[^ \t]+|[ \t]+")
+# RFC 5322 §2.1.1: a line is at most 998 octets plus CRLF.
+_MAX_LINE: Final = 998
+
+
+def _header_pairs(value: object) -> tuple[tuple[object, object], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return tuple(value.items())
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in value
+    ):
+        fail("headers", f"must be an object of name: value, got {type_name(value)}")
+    return tuple((pair[0], pair[1]) for pair in value)
+
+
+def _check_header(name: str, value: object) -> tuple[str, str]:
+    where = f"headers[{name!r}]"
+    if "\r" in name or "\n" in name:
+        fail(where, "the name contains CR or LF (header injection)")
+    if not _HEADER_NAME.fullmatch(name):
+        fail(where, "a header name is 1-76 printable ASCII characters without ':' or spaces")
+    lower = name.lower()
+    if lower in _ARGUMENT_HEADERS:
+        argument = _ARGUMENT_HEADERS[lower]
+        fail(where, f"pass it as the {argument} argument, not in headers")
+    if lower == "mime-version" or lower.startswith("content-"):
+        fail(where, "MIME-Version and Content-* are set by the message builder")
+    if lower == "return-path":
+        fail(where, "the receiving server sets Return-Path from the envelope sender")
+    if lower.startswith("resent-"):
+        fail(where, "Resent-* fields are for re-sending an existing message; use send_message")
+    text = header_text(where, value)
+    if lower in {"date", "orig-date"}:
+        try:
+            parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            fail(where, f"{text!r} is not an RFC 5322 date like 'Tue, 01 Jul 2025 10:00:00 +0000'")
+    elif lower == "message-id":
+        if not _MSG_ID.fullmatch(text.strip()):
+            fail(where, f"{text!r} does not look like <unique-id@your.domain>")
+        text = text.strip()
+    elif lower == "sender":
+        text = str(parse_address(where, text))
+    elif text.isascii():
+        # VerbatimHeader folds only before whitespace, so its longest piece bounds a line.
+        longest = max((len(word) for word in _FOLD_WORD.findall(text)), default=0)
+        if len(name) + 2 + longest > _MAX_LINE:
+            fail(where, f"a {longest}-character word makes a line longer than 998 octets")
+    return name, text
+
+
+def check_headers(value: object) -> tuple[tuple[str, str], ...]:
+    checked: dict[str, str] = {}
+    result: list[tuple[str, str]] = []
+    for raw_name, raw_value in _header_pairs(value):
+        if not isinstance(raw_name, str):
+            fail(f"headers[{raw_name!r}]", "a header name must be a string")
+        name, text = _check_header(raw_name, raw_value)
+        if name.lower() in checked:
+            fail(f"headers[{name!r}]", f"given twice (also as {checked[name.lower()]!r})")
+        checked[name.lower()] = name
+        result.append((name, text))
+    return tuple(result)
+
+
+class VerbatimHeader(str):
+    """An ASCII header value folded only at whitespace and never encoded.
+
+    For a word too long for one 78-character line, the email package turns the word into
+    RFC 2047 encoded-words, which corrupts values it does not know to be structured (a long
+    List-Unsubscribe URL, a Content-ID). RFC 5322 allows 998 octets, so such a word is
+    better written as it is on a line of its own. The email package writes any header value
+    that has a ``name`` and a ``fold()`` through ``fold()``.
+    """
+
+    name: str
+
+    def __new__(cls, name: str, value: str) -> VerbatimHeader:
+        header = super().__new__(cls, value)
+        header.name = name
+        return header
+
+    def fold(self, *, policy: Policy) -> str:
+        """The header line(s) with their line endings, folded before whitespace."""
+        limit = policy.max_line_length or 78
+        head = f"{self.name}:"
+        lines = [head]
+        words = _FOLD_WORD.findall(str(self))
+        if words and words[0][0] not in " \t":
+            words[0] = " " + words[0]
+        for word in words:
+            # Fold before a word's leading whitespace once the line would pass the limit;
+            # never leave the name alone on its line or start a line of whitespace only.
+            if len(lines[-1]) + len(word) > limit and lines[-1] != head and word.strip():
+                lines.append(word)
+            else:
+                lines[-1] += word
+        return policy.linesep.join(lines) + policy.linesep

@@ -1,0 +1,142 @@
+"""Building the MIME message for a :class:`~mailworker.message.MailPayload`, and its bytes."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from email import policy as email_policy
+from email.message import EmailMessage
+from email.policy import Policy
+from email.utils import format_datetime, make_msgid
+from typing import TYPE_CHECKING, Final
+
+from mailworker.message._address import parse_address, to_ascii_domain
+from mailworker.message._attachments import Attachment
+from mailworker.message._headers import VerbatimHeader
+
+if TYPE_CHECKING:
+    from mailworker.message.payload import MailPayload
+
+# Control characters other than TAB/CR/LF; a body holding them is sent quoted-printable so
+# the wire carries none of them.
+_BODY_CONTROL = re.compile("[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
+# The SMTP policies default to cte_type="8bit", which sends short non-ASCII text as raw 8-bit
+# and so would need 8BITMIME; "7bit" makes the email package pick quoted-printable or base64.
+_POLICY: Final = email_policy.SMTP.clone(cte_type="7bit")
+_POLICY_UTF8: Final = email_policy.SMTPUTF8.clone(cte_type="7bit")
+
+
+def _set_body(part: EmailMessage, content: str, subtype: str) -> None:
+    # Left to itself the email package picks 7bit for short ASCII lines and otherwise the
+    # shorter of quoted-printable and base64; control characters are forced into
+    # quoted-printable so that no byte on the wire needs explaining.
+    cte = "quoted-printable" if _BODY_CONTROL.search(content) else None
+    part.set_content(content, subtype=subtype, charset="utf-8", cte=cte)
+
+
+def _new_part(policy: Policy) -> EmailMessage:
+    # EmailMessage rather than MIMEPart because attach() wants the parent's own type, as
+    # the email package's add_attachment() does; build_message strips the MIME-Version
+    # that EmailMessage.set_content() adds, as it belongs at the top level only.
+    return EmailMessage(policy=policy)
+
+
+def _file_part(attachment: Attachment, policy: Policy) -> EmailMessage:
+    part = _new_part(policy)
+    maintype, _, subtype = (attachment.mimetype or "application/octet-stream").partition("/")
+    inline = attachment.content_id is not None
+    part.set_content(
+        attachment.content,
+        maintype=maintype,
+        subtype=subtype,
+        disposition="inline" if inline else "attachment",
+        filename=attachment.filename,
+    )
+    if inline:
+        part["Content-ID"] = VerbatimHeader("Content-ID", f"<{attachment.content_id}>")
+    return part
+
+
+def _fill_html(part: EmailMessage, html: str, inline: list[Attachment], policy: Policy) -> None:
+    _set_body(part, html, "html")
+    if inline:
+        part.make_related()
+        for attachment in inline:
+            part.attach(_file_part(attachment, policy))
+
+
+def build_message(payload: MailPayload, *, message_id_domain: str | None = None) -> EmailMessage:
+    """Build the MIME message for a validated payload.
+
+    Structure: a single text/plain or text/html part; text with html as
+    multipart/alternative; inline parts in multipart/related around the HTML; with other
+    attachments, multipart/mixed outermost. Bcc never appears in the headers.
+
+    Args:
+        payload: The validated payload.
+        message_id_domain: Domain for a generated Message-ID; defaults to the sender's.
+
+    Returns:
+        The message, with policy :data:`email.policy.SMTP` (or
+        :data:`email.policy.SMTPUTF8` when :attr:`MailPayload.needs_smtputf8`), both with
+        ``cte_type="7bit"``. Date and Message-ID are added unless the payload's headers
+        give them.
+
+    Raises:
+        ValueError: ``message_id_domain`` is not a valid domain name.
+    """
+    policy = _POLICY_UTF8 if payload.needs_smtputf8 else _POLICY
+    sender = parse_address("from_email", payload.from_email)
+    try:
+        id_domain = to_ascii_domain(message_id_domain or sender.domain)
+    except ValueError as exc:
+        raise ValueError(f"message_id_domain: {exc}") from None
+
+    msg = EmailMessage(policy=policy)
+    msg["From"] = payload.from_email
+    # Without To, some spam filters mark the message down: say that the list is hidden.
+    msg["To"] = ", ".join(payload.to) if payload.to else "undisclosed-recipients:;"
+    if payload.cc:
+        msg["Cc"] = ", ".join(payload.cc)
+    if payload.reply_to:
+        msg["Reply-To"] = ", ".join(payload.reply_to)
+    msg["Subject"] = payload.subject
+    msg["Date"] = payload.header("Date") or format_datetime(datetime.now().astimezone())
+    msg["Message-ID"] = payload.header("Message-ID") or make_msgid(domain=id_domain)
+    for name, value in payload.headers:
+        if name.lower() in {"date", "message-id"}:
+            continue
+        if value.isascii() and name.lower() not in {"sender", "orig-date"}:
+            msg[name] = VerbatimHeader(name, value)
+        else:
+            msg[name] = value
+
+    inline = [a for a in payload.attachments if a.content_id is not None]
+    files = [a for a in payload.attachments if a.content_id is None]
+    if payload.text is not None:
+        _set_body(msg, payload.text, "plain")
+        if payload.html is not None:
+            msg.make_alternative()
+            html_part = _new_part(policy)
+            _fill_html(html_part, payload.html, inline, policy)
+            msg.attach(html_part)
+    else:
+        assert payload.html is not None  # MailPayload requires text or html
+        _fill_html(msg, payload.html, inline, policy)
+    if files:
+        msg.make_mixed()
+        for attachment in files:
+            msg.attach(_file_part(attachment, policy))
+    for part in msg.walk():
+        if part is not msg:
+            del part["MIME-Version"]
+    return msg
+
+
+def message_bytes(msg: EmailMessage) -> bytes:
+    """Serialise ``msg`` for DATA: CRLF line endings, 7-bit bodies (no 8BITMIME needed).
+
+    Headers are ASCII unless the message was built for SMTPUTF8. Dot-stuffing is left to
+    the SMTP layer.
+    """
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))

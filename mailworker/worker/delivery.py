@@ -1,0 +1,519 @@
+"""One delivery attempt of one message, composed from the parts below it.
+
+Knows nothing of Celery: :mod:`mailworker.worker.tasks` passes the task's name, id and
+arguments in and turns the outcome into a task result. That keeps the whole
+policy — poison guard, lock, idempotency, in-process and delayed retries,
+dead-lettering, logging — testable with a real Redis and a real SMTP server but
+no worker.
+
+Task arguments carry a private ``_meta`` dict across delayed retries:
+``key`` (the message's idempotency key), ``message_id`` and ``date`` (so every
+attempt sends the same message), ``recipients`` (when only some recipients are
+retried), ``first_attempt_at``, ``attempts`` (SMTP attempts so far), ``retries``
+(delayed retries so far) and ``history``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import structlog
+
+from mailworker.errors import (
+    ConfigError,
+    DeadLetteredError,
+    InvalidMessageError,
+    SMTPError,
+    SMTPRecipientsRefused,
+)
+from mailworker.smtp import SendResult
+from mailworker.store.deadletter import DeadLetter, DeadLetterStore
+from mailworker.store.ledger import Ledger
+from mailworker.store.schedule import RetrySchedule
+from mailworker.worker.prepare import Prepared, prepare
+from mailworker.worker.retry import RetryPolicy
+from mailworker.worker.sessions import SessionPool
+from mailworker.worker.settings import Settings
+
+log = structlog.get_logger("mailworker.worker.delivery")
+
+
+class Delivery:
+    """Runs delivery attempts in one worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: redis.Redis,
+        pool: SessionPool,
+        *,
+        clock: Callable[[], float] = time.time,
+        interrupts: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        #: Exceptions that cut a delivery short from outside (Celery's soft time limit).
+        self.interrupts = interrupts
+        self.settings = settings
+        self.pool = pool
+        self.ledger = Ledger(redis_client)
+        self.schedule = RetrySchedule(redis_client)
+        self.dlq = DeadLetterStore(redis_client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
+        self.policy = RetryPolicy.from_settings(settings)
+        self._clock = clock
+
+    def run(
+        self,
+        task: str,
+        task_id: str,
+        kwargs: dict[str, Any],
+        *,
+        queue: str | None = None,
+        exchange: str | None = None,
+        time_limit: float | None = None,
+    ) -> dict[str, Any]:
+        """Deliver (or defer, or dead-letter) one message; returns the task result.
+
+        Args:
+            task: the task name (``mailworker.send_mail`` or ``mailworker.send_message``).
+            task_id: this task message's id.
+            kwargs: the task's arguments.
+            queue: the queue (routing key) the task came from; its retries go back
+                there.
+            exchange: the exchange it came through, when not the default one.
+            time_limit: the running task's hard time limit (default
+                ``MAILWORKER_TASK_TIME_LIMIT``); sends end well before it and the
+                message's lock outlives it.
+
+        Raises:
+            DeadLetteredError: the message went to the dead-letter store.
+            redis.RedisError: Redis failed before the message was accepted (the
+                caller hands the task message back to the broker).
+        """
+        started = self._clock()
+        meta = dict(kwargs.get("_meta") or {})
+        key = meta.setdefault("key", kwargs.get("idempotency_key") or task_id)
+        meta.setdefault("first_attempt_at", started)
+        meta.setdefault("origin", task_id)
+        if queue:
+            meta.setdefault("queue", queue)
+            if exchange:
+                meta.setdefault("exchange", exchange)
+        limit = time_limit or self.settings.task_time_limit
+        attempt = _Attempt(
+            self,
+            task=task,
+            task_id=task_id,
+            kwargs=kwargs,
+            meta=meta,
+            started=started,
+            time_limit=limit,
+        )
+        origin = meta["origin"]
+        done = self.ledger.sent(key)
+        if done is not None and _follow_up_done(done):
+            # Before the poison guard: a sent message is never poison.
+            return attempt.already_sent(done)
+        too_old = float(meta["first_attempt_at"]) + self.settings.max_age
+        if started > too_old + limit:
+            # Whatever kept it going (redeliveries, lock deferrals), it is too old now
+            # (the last scheduled retry runs at the maximum age, maybe a little late).
+            attempt.dead_letter("exhausted", {"type": "MaxAge", "message": "past the maximum age"})
+        # Starts are counted per message (its first task id), not per task message: a
+        # run killed by the hard time limit comes back as a lock deferral with
+        # another task id, and must still count.
+        starts = self.ledger.count_start(origin, ttl=self.settings.max_age + 86400)
+        if starts > 1 + self.settings.max_redeliveries:
+            error = {"type": "Poison", "message": f"started {starts} times without finishing"}
+            attempt.dead_letter("poison", error)
+        token = self.ledger.acquire(key, ttl=attempt.lock_ttl)
+        if token is None:
+            return attempt.defer_locked()
+        try:
+            done = self.ledger.sent(key)
+            if done is not None:
+                return attempt.already_sent(done)
+            return attempt.deliver()
+        except (DeadLetteredError, redis.RedisError):
+            raise
+        except Exception as exc:
+            # Celery acknowledges a task that raised: never let a message vanish that
+            # way. A bug, a broken TLS setup, the soft time limit outside the SMTP
+            # exchange — whatever it is, the message waits for a delayed retry.
+            return attempt.unexpected(exc)
+        finally:
+            with contextlib.suppress(redis.RedisError):  # both expire on their own
+                self.ledger.release(key, token)
+                self.ledger.forget_starts(origin)
+
+
+def _follow_up_done(record: dict[str, Any]) -> bool:
+    return not record.get("refused") or bool(record.get("follow_up_done"))
+
+
+class _Attempt:
+    """The state of one run of a task."""
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        *,
+        task: str,
+        task_id: str,
+        kwargs: dict[str, Any],
+        meta: dict[str, Any],
+        started: float,
+        time_limit: float,
+    ) -> None:
+        self.d = delivery
+        self.task = task
+        self.task_id = task_id
+        self.kwargs = kwargs
+        self.meta = meta
+        self.started = started
+        self.profile = str(kwargs.get("profile") or "default")
+        self.attempts = int(meta.get("attempts", 0))
+        self.transcript: list[str] = []
+        self.summary: dict[str, Any] = {}
+        self.message_id: str | None = meta.get("message_id")
+        #: The server's verdict once it accepted the message (nothing may resend it).
+        self.result: SendResult | None = None
+        self.log = log.bind(task_id=task_id, message_key=meta["key"], profile=self.profile)
+        #: SMTP exchanges end by then, in any pool: well inside the task's time limits
+        #: (the threads pool enforces none), so a send never outlives its lock, which
+        #: outlives the task.
+        self.deadline = time.monotonic() + time_limit * 0.8
+        self.lock_ttl = time_limit + 2
+
+    # -- the happy path ----------------------------------------------------------
+
+    def deliver(self) -> dict[str, Any]:
+        try:
+            prepared = self.prepare()
+        except (InvalidMessageError, ConfigError) as exc:
+            field = exc.field if isinstance(exc, InvalidMessageError) else "profile"
+            error = {"type": type(exc).__name__, "message": str(exc), "field": field}
+            self.dead_letter("invalid", error)
+        self.message_id = prepared.message_id
+        self.summary = prepared.summary
+        retrying = self.d.policy.retrying(
+            before_retry=lambda: self.d.pool.discard(self.profile), deadline=self.deadline
+        )
+        try:
+            for try_ in retrying:
+                with try_:
+                    self.attempts += 1
+                    session = self.d.pool.get(self.profile)
+                    self.result = session.send(
+                        prepared.envelope_from,
+                        prepared.recipients,
+                        prepared.data,
+                        deadline=self.deadline,
+                    )
+        except SMTPError as exc:
+            self.transcript = exc.transcript
+            return self.failed(exc, prepared)
+        except self.d.interrupts as exc:
+            # Cut off mid-exchange: the server's late reply would answer the next
+            # message's command, so the session goes without QUIT; the message waits
+            # for a delayed retry.
+            self.d.pool.discard(self.profile, send_quit=False)
+            error = {"type": type(exc).__name__, "message": "task time limit reached"}
+            return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
+        result = self.result
+        assert result is not None  # the loop ends by success or by raising
+        # Any retry after here would be a duplicate: record it now.
+        record = self.record_sent(result)
+        self.transcript = [str(line) for line in result.transcript]
+        self.log.info(
+            "mail.sent",
+            **self.event(reply=str(result.reply)),
+            queue_id=result.queue_id,
+            accepted=result.accepted,
+            refused=record["refused"],
+        )
+        try:
+            self.follow_up(record)
+        except redis.RedisError:
+            if record.get("idempotency_recorded") is False:
+                # Nothing recorded and nothing scheduled: sending again would be
+                # worse than the loss, which is logged here for the operator.
+                self.log.error("mail.follow_up_lost", refused=record["refused"])
+                return record
+            raise  # redelivered; already_sent() does the follow-up again
+        return record
+
+    def already_sent(self, done: dict[str, Any]) -> dict[str, Any]:
+        """The message was accepted before (a redelivery): finish its follow-up if a
+        failure interrupted it, send nothing."""
+        self.message_id = done.get("message_id")
+        # The follow-up's retry must send the same message: same Message-ID and Date.
+        for name in ("message_id", "date"):
+            if done.get(name):
+                self.meta.setdefault(name, done[name])
+        self.attempts = max(self.attempts, int(done.get("attempts") or 0))
+        self.log.info("mail.duplicate_skipped", message_id=self.message_id)
+        self.follow_up(done)
+        return {**done, "duplicate": True}
+
+    def unexpected(self, exc: Exception) -> dict[str, Any]:
+        """A failure outside the SMTP exchange: drop the session (its state is
+        unknown) and retry later — unless the server had already accepted the
+        message, which must not be sent again."""
+        self.log.exception("mail.error", error_type=type(exc).__name__)
+        self.d.pool.discard(self.profile, send_quit=False)
+        if self.result is not None:
+            self.log.error(
+                "mail.idempotency_unrecorded",
+                error=f"{type(exc).__name__} after the server accepted the message",
+                accepted=self.result.accepted,
+            )
+            return {
+                "status": "sent",
+                "message_id": self.message_id,
+                "accepted": self.result.accepted,
+                "refused": {r: o.to_dict() for r, o in self.result.refused.items()},
+                "reply": str(self.result.reply),
+                "attempts": self.attempts,
+                "idempotency_recorded": False,
+            }
+        error = {"type": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}"[:500]}
+        return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
+
+    def prepare(self) -> Prepared:
+        """Validate and build the message (the profile is checked too, before any I/O)."""
+        return prepare(
+            self.task,
+            self.kwargs,
+            self.meta,
+            default_from=self.d.settings.default_from,
+            check_profile=self.d.pool.get,
+        )
+
+    def record_sent(self, result: SendResult) -> dict[str, Any]:
+        """Remember the acceptance at once. A Redis failure here must not send the
+        message again, so it is retried briefly, then logged, never raised."""
+        record: dict[str, Any] = {
+            "status": "sent",
+            "message_id": self.message_id,
+            "accepted": result.accepted,
+            "refused": {r: outcome.to_dict() for r, outcome in result.refused.items()},
+            "reply": str(result.reply),
+            "queue_id": result.queue_id,
+            "attempts": self.attempts,
+            "date": self.meta.get("date"),
+        }
+        ttl = self.d.settings.max_age + 86400
+        for pause in (0.1, 0.5, 0):
+            try:
+                self.d.ledger.record_sent(self.meta["key"], record, ttl=ttl)
+                return record
+            except redis.RedisError as exc:
+                failure = exc
+                time.sleep(pause)
+        self.log.error("mail.idempotency_unrecorded", error=f"{type(failure).__name__}: {failure}")
+        record["idempotency_recorded"] = False
+        return record
+
+    # -- partial and failed deliveries ------------------------------------------------
+
+    def follow_up(self, record: dict[str, Any]) -> None:
+        """Retry the deferred recipients alone and dead-letter the rejected ones, then
+        mark the sent record done, so a redelivery knows whether to do it again."""
+        refused: dict[str, dict[str, Any]] = record.get("refused") or {}
+        if not refused or record.get("follow_up_done"):
+            return
+        deferred = [r for r, o in refused.items() if o["status"] == "deferred"]
+        rejected = {r: o for r, o in refused.items() if o["status"] == "rejected"}
+        if deferred:
+            last = refused[deferred[-1]]
+            error = {
+                "type": "RecipientsDeferred",
+                "code": last["code"],
+                "enhanced_code": last["enhanced_code"],
+                "reply": last["reply"],
+                "message": f"{len(deferred)} recipient(s) deferred",
+                "stage": "rcpt",
+            }
+            self.schedule_retry(error, recipients=deferred, whole=False)
+        if rejected:
+            last = next(reversed(rejected.values()))
+            error = {
+                "type": "RecipientsRejected",
+                "code": last["code"],
+                "enhanced_code": last["enhanced_code"],
+                "reply": last["reply"],
+                "stage": "rcpt",
+                "message": "; ".join(f"{r}: {o['code']} {o['reply']}" for r, o in rejected.items()),
+            }
+            self.dead_letter("permanent", error, subset=list(rejected), raise_=False)
+        record["follow_up_done"] = True
+        if record.get("idempotency_recorded") is not False:
+            self.d.ledger.record_sent(self.meta["key"], record, ttl=self.d.settings.max_age + 86400)
+
+    def failed(self, exc: SMTPError, prepared: Prepared) -> dict[str, Any]:
+        error = exc.to_dict()
+        if isinstance(exc, SMTPRecipientsRefused):
+            deferred = [r for r, (code, _, _) in exc.refused.items() if 400 <= code < 500]
+            rejected = [r for r in exc.refused if r not in deferred]
+            if rejected and deferred:
+                self.dead_letter("permanent", error, subset=rejected, raise_=False)
+            if deferred:
+                return self.schedule_retry(error, recipients=deferred, whole=not rejected)
+            self.dead_letter("permanent", error)
+        if not exc.is_transient:
+            self.dead_letter("permanent", error)
+        return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
+
+    def schedule_retry(
+        self, error: dict[str, Any], *, recipients: list[str] | None, whole: bool
+    ) -> dict[str, Any]:
+        """Schedule a delayed retry, or dead-letter as exhausted past the maximum age.
+
+        ``whole``: the task's message failed as a whole (an exhausted one raises).
+        """
+        now = self.d._clock()
+        retries = int(self.meta.get("retries", 0)) + 1
+        due = self.d.policy.due(retries, float(self.meta["first_attempt_at"]), now)
+        meta = self._next_meta(error, recipients)
+        if due is None:
+            subset = None if whole else recipients
+            self.dead_letter("exhausted", error, subset=subset, raise_=whole)
+            return {"status": "dead_lettered", "reason": "exhausted", "recipients": recipients}
+        meta["retries"] = retries
+        kwargs = {**self.kwargs, "_meta": meta}
+        # Derived, not random: a follow-up or retry scheduled twice (a redelivery
+        # redoing it) is one entry, one task.
+        retry_id = f"{meta['key']}/retry/{retries}"
+        self.d.schedule.add(retry_id, self.task, kwargs, due)
+        self.log.info(
+            "mail.deferred",
+            **self.event(reply=_reply_line(error)),
+            error=error.get("message"),
+            delay=round(due - now, 3),
+            retry_at=due,
+            retry_task_id=retry_id,
+            recipients=recipients,
+        )
+        return {
+            "status": "deferred",
+            "message_id": self.message_id,
+            "retry_at": due,
+            "retry_task_id": retry_id,
+            "attempts": self.attempts,
+            "error": error,
+        }
+
+    def _next_meta(self, error: dict[str, Any], recipients: list[str] | None) -> dict[str, Any]:
+        meta = {**self.meta, "attempts": self.attempts}
+        meta["history"] = [
+            *meta.get("history", []),
+            {"at": self.d._clock(), "error": error.get("message")},
+        ]
+        if recipients is not None and recipients != self.meta.get("recipients"):
+            # A new message for a subset of recipients: its own idempotency key.
+            digest = hashlib.sha256("\n".join(sorted(recipients)).encode()).hexdigest()[:12]
+            meta["key"] = f"{self.meta['key']}+{digest}"
+            meta["recipients"] = recipients
+        return meta
+
+    def defer_locked(self) -> dict[str, Any]:
+        """Another delivery of this message is running now (a redelivery overtook it):
+        look again once its lock has expired, rather than run beside it."""
+        due = self.d._clock() + self.lock_ttl
+        # One look per message, however many redeliveries overtake it.
+        retry_id = f"{self.meta['origin']}/locked"
+        self.d.schedule.add(retry_id, self.task, {**self.kwargs, "_meta": self.meta}, due)
+        self.log.info(
+            "mail.deferred",
+            **self.event(reply=None),
+            error="locked by a running delivery",
+            retry_at=due,
+            retry_task_id=retry_id,
+        )
+        return {"status": "deferred", "reason": "locked", "retry_task_id": retry_id}
+
+    def dead_letter(
+        self,
+        reason: str,
+        error: dict[str, Any],
+        *,
+        subset: list[str] | None = None,
+        raise_: bool = True,
+    ) -> str:
+        """Store the message (or the ``subset`` of its recipients) as dead.
+
+        Raises:
+            DeadLetteredError: when ``raise_`` (the task's message failed as a whole).
+        """
+        now = self.d._clock()
+        meta = self._next_meta(error, subset)
+        recipients = subset or meta.get("recipients") or self.summary.get("recipients")
+        record = DeadLetter(
+            id="",
+            reason=reason,  # type: ignore[arg-type]
+            task=self.task,
+            kwargs={**self.kwargs, "_meta": meta},
+            error=error,
+            transcript=self.transcript,
+            attempts=self.attempts,
+            first_attempt_at=float(meta["first_attempt_at"]),
+            last_attempt_at=now,
+            profile=self.profile,
+            task_id=self.task_id,
+            recipients=list(recipients or _rough_recipients(self.kwargs)),
+            subject=self.summary.get("subject") or _text(self.kwargs.get("subject")),
+            history=meta["history"],
+        )
+        dlq_id = self.d.dlq.add(record)
+        self.log.warning(
+            "mail.dead_lettered",
+            **self.event(reply=_reply_line(error)),
+            reason=reason,
+            dlq_id=dlq_id,
+            error=error.get("message"),
+            recipients=record.recipients,
+        )
+        if raise_:
+            raise DeadLetteredError(
+                f"message dead-lettered ({reason}): {error.get('message')} [dlq id {dlq_id}]"
+            )
+        return dlq_id
+
+    def event(self, *, reply: str | None) -> dict[str, Any]:
+        """The fields every terminal event carries."""
+        return {
+            "message_id": self.message_id,
+            "attempt": self.attempts,
+            "duration_ms": round((self.d._clock() - self.started) * 1000, 1),
+            "reply": reply,
+            "transcript": self.transcript,
+        }
+
+
+def _reply_line(error: dict[str, Any]) -> str | None:
+    """The server's reply as it was sent, code first (``451 4.2.0 try later``)."""
+    code, text = error.get("code"), error.get("reply")
+    if code is None:
+        return text or None
+    return f"{code} {text or ''}".rstrip()
+
+
+def _rough_recipients(kwargs: dict[str, Any]) -> list[str]:
+    """Recipients as given, for a record of a message that could not be parsed."""
+    found: list[str] = []
+    for name in ("to", "cc", "bcc", "recipients"):
+        value = kwargs.get(name)
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        found.extend(str(v) for v in items)
+    return found
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+__all__ = ["Delivery"]

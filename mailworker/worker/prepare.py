@@ -1,0 +1,92 @@
+"""Turning task arguments into the bytes and envelope to send."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+from mailworker.message import MailPayload, RawPayload, build_message, message_bytes
+from mailworker.queue.names import SEND_MESSAGE
+
+#: Arguments that steer delivery rather than describe the message.
+_CONTROL = ("profile", "idempotency_key", "_meta")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated message, ready for the wire."""
+
+    envelope_from: str
+    recipients: list[str]
+    data: bytes
+    message_id: str | None
+    date: str | None
+    summary: dict[str, Any]
+
+
+def prepare(
+    task: str,
+    kwargs: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    default_from: str | None,
+    check_profile: Callable[[str], object],
+) -> Prepared:
+    """Validate the task's message and build it; ``meta`` gains its Message-ID and
+    Date on the first attempt and gives them back on every later one.
+
+    Raises:
+        InvalidMessageError: a field is invalid (named in the error).
+        ConfigError: the task's profile is not configured (from ``check_profile``).
+    """
+    fields = {k: v for k, v in kwargs.items() if k not in _CONTROL}
+    override = meta.get("recipients")
+    profile = str(kwargs.get("profile") or "default")
+    if task == SEND_MESSAGE:
+        raw = RawPayload.from_task_kwargs(fields)
+        check_profile(profile)
+        return Prepared(
+            raw.envelope_from,
+            list(override or raw.recipients),
+            raw.message,
+            raw.message_id,
+            None,
+            raw.summary(),
+        )
+    payload = MailPayload.from_task_kwargs(fields, default_from=default_from)
+    check_profile(profile)
+    message = build_message(payload)
+    # Every attempt of a message sends the same Message-ID and Date; the id is
+    # derived from the message key and the first task id, so even a redelivery
+    # that lost its retry state (a worker killed after the server's 250) repeats
+    # it, while a key reused for another message later gets a new one.
+    if payload.header("Message-ID") is None:
+        meta.setdefault(
+            "message_id", _message_id(meta["key"], meta["origin"], payload.envelope_from)
+        )
+    _pin(message, "Message-ID", meta.setdefault("message_id", message["Message-ID"]))
+    _pin(message, "Date", meta.setdefault("date", message["Date"]))
+    return Prepared(
+        payload.envelope_from,
+        list(override or payload.recipients),
+        message_bytes(message),
+        meta["message_id"],
+        meta["date"],
+        payload.summary(),
+    )
+
+
+def _message_id(key: str, origin: str, sender: str) -> str:
+    """A Message-ID that depends only on the message key, the task that first carried
+    it and the sender's domain."""
+    digest = hashlib.sha256(f"{key}\n{origin}".encode()).hexdigest()[:32]
+    domain = sender.rpartition("@")[2] or "mailworker.invalid"
+    return f"<{digest}@{domain}>"
+
+
+def _pin(message: EmailMessage, header: str, value: str) -> None:
+    del message[header]
+    message[header] = value

@@ -1,0 +1,129 @@
+"""Worker settings from the environment (12-factor), validated once.
+
+=================================  ==========================================
+``MAILWORKER_BROKER_URL``          Celery broker (default ``redis://localhost:6379/0``)
+``MAILWORKER_REDIS_URL``           dead letters, retries, idempotency (default: broker)
+``MAILWORKER_DEFAULT_FROM``        ``from_email`` when a task gives none
+``MAILWORKER_RETRY_DELAYS``        seconds between delayed retries, last repeats
+                                   (default ``60,300,900,3600,14400``)
+``MAILWORKER_RETRY_JITTER``        each delay varies by up to this fraction (default 0.1), so
+                                   messages deferred together do not return together
+``MAILWORKER_MAX_AGE``             give up this many seconds after the first attempt
+                                   (default 86400)
+``MAILWORKER_VISIBILITY_TIMEOUT``  Redis broker redelivery timeout (default 600)
+``MAILWORKER_TASK_TIME_LIMIT``     hard limit per task (default: 2/5 of the above)
+``MAILWORKER_MAX_REDELIVERIES``    worker-lost redeliveries before "poison" (default 3)
+``MAILWORKER_DLQ_MAX``             dead-letter records kept (default 100000)
+``MAILWORKER_DLQ_TTL``             seconds a dead-letter record is kept (default 30 days)
+``MAILWORKER_LOG_FORMAT``          ``json`` or ``console`` (default: console on a TTY)
+=================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mailworker.errors import ConfigError
+from mailworker.queue.names import DEFAULT_BROKER_URL
+
+DEFAULT_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0, 14400.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker process needs besides the SMTP profiles."""
+
+    # URLs may hold a Redis password: kept out of repr().
+    broker_url: str = field(default=DEFAULT_BROKER_URL, repr=False)
+    redis_url: str = field(default="", repr=False)
+    default_from: str | None = None
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+    retry_jitter: float = 0.1
+    max_age: float = 86400.0
+    visibility_timeout: float = 600.0
+    task_time_limit: float = 0.0
+    max_redeliveries: int = 3
+    dlq_max: int = 100_000
+    dlq_ttl: float = 30 * 86400.0
+    log_format: str | None = None
+    #: Short in-process retries (tenacity) before a delayed retry is scheduled.
+    inprocess_attempts: int = 3
+    #: Upper bound of all in-process waits together, in seconds.
+    inprocess_max_wait: float = 4.0
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.redis_url:
+            object.__setattr__(self, "redis_url", self.broker_url)
+        if not self.task_time_limit:
+            object.__setattr__(self, "task_time_limit", self.visibility_timeout * 0.4)
+        if not self.retry_delays or any(d < 1 for d in self.retry_delays):
+            raise ConfigError(
+                "MAILWORKER_RETRY_DELAYS: give comma-separated seconds of at least 1, "
+                "e.g. 60,300,900"
+            )
+        # A prefetched message waits at most one task time limit before it runs,
+        # then runs at most one: both must fit in the visibility timeout, or Redis
+        # hands the message to a second worker while the first still has it.
+        if self.task_time_limit * 2 >= self.visibility_timeout:
+            raise ConfigError(
+                "MAILWORKER_TASK_TIME_LIMIT must be below half of MAILWORKER_VISIBILITY_TIMEOUT "
+                f"(now {self.task_time_limit:g} s and {self.visibility_timeout:g} s)"
+            )
+        if not 0 <= self.retry_jitter < 1:
+            raise ConfigError(
+                "MAILWORKER_RETRY_JITTER: give a fraction from 0 to below 1, e.g. 0.1"
+            )
+        if self.log_format not in (None, "json", "console"):
+            raise ConfigError("MAILWORKER_LOG_FORMAT: use 'json' or 'console'")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ``MAILWORKER_*`` variables; unset ones keep their defaults."""
+        env = dict(os.environ if environ is None else environ)
+        kwargs: dict[str, object] = {"environ": env}
+        text = {
+            "MAILWORKER_BROKER_URL": "broker_url",
+            "MAILWORKER_REDIS_URL": "redis_url",
+            "MAILWORKER_DEFAULT_FROM": "default_from",
+            "MAILWORKER_LOG_FORMAT": "log_format",
+        }
+        for var, name in text.items():
+            if env.get(var):
+                kwargs[name] = env[var]
+        numbers = {
+            "MAILWORKER_MAX_AGE": "max_age",
+            "MAILWORKER_VISIBILITY_TIMEOUT": "visibility_timeout",
+            "MAILWORKER_TASK_TIME_LIMIT": "task_time_limit",
+            "MAILWORKER_DLQ_TTL": "dlq_ttl",
+            "MAILWORKER_RETRY_JITTER": "retry_jitter",
+        }
+        for var, name in numbers.items():
+            if env.get(var):
+                kwargs[name] = _number(var, env[var], float)
+        for var, name in {
+            "MAILWORKER_MAX_REDELIVERIES": "max_redeliveries",
+            "MAILWORKER_DLQ_MAX": "dlq_max",
+        }.items():
+            if env.get(var):
+                kwargs[name] = int(_number(var, env[var], int))
+        if env.get("MAILWORKER_RETRY_DELAYS"):
+            raw = env["MAILWORKER_RETRY_DELAYS"]
+            kwargs["retry_delays"] = tuple(
+                _number("MAILWORKER_RETRY_DELAYS", part.strip(), float)
+                for part in raw.split(",")
+                if part.strip()
+            )
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _number(var: str, value: str, kind: type[int] | type[float]) -> float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigError(f"{var}={value!r}: expected a number") from None
+    if number < 0:
+        raise ConfigError(f"{var}={value!r}: must not be negative")
+    return number

@@ -1,0 +1,270 @@
+"""The Celery tasks: ``send_mail`` (build the message) and ``send_message`` (prebuilt).
+
+Both are ``shared_task``s: they run in mailworker's own worker and in any Celery app
+that includes ``mailworker.tasks`` (configure that app with
+:func:`mailworker.celery_app.configure`). The names exported here publish through the
+app :func:`~mailworker.worker.app.publishing_app` gives — the app you configured, or
+mailworker's own for ``MAILWORKER_BROKER_URL`` — from any thread; Celery's thread-local
+current app is not consulted.
+
+Importing this module reads no settings and builds no client: a worker reads them when
+it starts, a publisher when it publishes its first message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import redis
+import structlog
+from celery import Celery, Task, shared_task, signals
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.local import Proxy
+
+from mailworker.errors import DeadLetteredError
+from mailworker.queue.names import SEND_MAIL, SEND_MESSAGE
+from mailworker.queue.producer import Producer
+from mailworker.smtp.profile import Profile
+from mailworker.store.deadletter import DeadLetterStore
+from mailworker.store.schedule import RetrySchedule, ScheduledTask
+from mailworker.worker.app import ensure_limits, publishing_app, settings_of
+from mailworker.worker.delivery import Delivery
+from mailworker.worker.mover import RetryMover
+from mailworker.worker.sessions import SessionPool
+from mailworker.worker.settings import Settings
+
+log = structlog.get_logger("mailworker.worker.tasks")
+
+
+class _ProcessState:
+    """This process's delivery machinery and, in the main process, the retry mover."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.delivery: Delivery | None = None
+        self.pid = 0
+        self.mover: RetryMover | None = None
+
+
+_state = _ProcessState()
+#: Outcomes that are the message's fault, already logged and dead-lettered:
+#: Celery logs them as a one-line failure, without a traceback.
+_EXPECTED = (DeadLetteredError,)
+#: Delivery guarantees live on the tasks, not in the app, so that an existing app
+#: running them keeps its own defaults for its other tasks. The time limits come from
+#: the settings, when the app is configured or its worker starts (app.configure).
+_TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    # A task killed by the hard time limit goes back to the queue (the poison guard
+    # bounds how often), instead of being acknowledged and lost.
+    "acks_on_timeout": False,
+    "throws": _EXPECTED,
+}
+
+
+def delivery(settings: Settings) -> Delivery:
+    """This process's delivery machinery, created on first use after the fork."""
+    with _state.lock:
+        current = _state.delivery
+        if current is None or _state.pid != os.getpid() or current.settings is not settings:
+            current = Delivery(
+                settings,
+                _redis(settings),
+                SessionPool(_profiles(settings)),
+                interrupts=(SoftTimeLimitExceeded,),
+            )
+            _state.delivery, _state.pid = current, os.getpid()
+        return current
+
+
+def _profiles(settings: Settings) -> Callable[[str], Profile]:
+    """Profiles by name from the settings' environment, each read once."""
+    environ = settings.environ or None
+
+    @functools.lru_cache(maxsize=64)
+    def profile(name: str) -> Profile:
+        return Profile.from_env(name, environ)
+
+    return profile
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    # Bounded waits: a hung Redis must fail a task well inside its time limit.
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def _route(task: Task[Any, Any]) -> tuple[str | None, str | None]:
+    """Where this task message came from — exchange (None for the default one) and
+    routing key (the queue's name on the default exchange) — so its retries go back
+    there."""
+    info = task.request.delivery_info or {}
+    exchange, key = info.get("exchange"), info.get("routing_key")
+    return (str(exchange) if exchange else None, str(key) if key else None)
+
+
+def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    task_id = task.request.id or f"eager-{time.time_ns()}"
+    try:
+        exchange, routing_key = _route(task)
+        return delivery(settings_of(task.app)).run(
+            name,
+            task_id,
+            kwargs,
+            queue=routing_key,
+            exchange=exchange,
+            time_limit=task.time_limit,
+        )
+    except redis.RedisError as exc:
+        # Nothing could be recorded: hand the message back unacknowledged.
+        log.warning("mail.redis_unavailable", task_id=task_id, error=str(exc))
+        time.sleep(1)
+        raise Reject(str(exc), requeue=True) from exc
+
+
+@shared_task(name=SEND_MAIL, **_TASK_OPTIONS)
+def _send_mail(  # noqa: PLR0917 -- the task's signature is the public API
+    self: Task[Any, Any],
+    to: str | list[str],
+    subject: str,
+    text: str | None = None,
+    html: str | None = None,
+    from_email: str | None = None,
+    cc: str | list[str] | None = None,
+    bcc: str | list[str] | None = None,
+    reply_to: str | list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    attachments: list[dict[str, str]] | None = None,
+    profile: str = "default",
+    idempotency_key: str | None = None,
+    _meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build and send one message through the worker's held-open session.
+
+    Example::
+
+        from mailworker import send_mail
+        send_mail.delay(to="ann@example.org", subject="Welcome", text="Hi Ann",
+                        html="<p>Hi Ann</p>")
+
+    Returns (as the task result) ``status`` ("sent" or "deferred"), ``message_id``,
+    ``accepted``, ``refused`` (per recipient: code, reply), ``reply`` and ``attempts``.
+    Invalid input, permanent failures and exhausted retries raise
+    ``DeadLetteredError`` after the message was stored in the dead-letter store.
+    """
+    kwargs: dict[str, Any] = {
+        "to": to,
+        "subject": subject,
+        "text": text,
+        "html": html,
+        "from_email": from_email,
+        "cc": cc,
+        "bcc": bcc,
+        "reply_to": reply_to,
+        "headers": headers,
+        "attachments": attachments,
+        "profile": profile,
+        "idempotency_key": idempotency_key,
+    }
+    if _meta:
+        kwargs["_meta"] = _meta
+    return _run(self, SEND_MAIL, kwargs)
+
+
+@shared_task(name=SEND_MESSAGE, **_TASK_OPTIONS)
+def _send_message(  # noqa: PLR0917 -- the task's signature is the public API
+    self: Task[Any, Any],
+    raw_b64: str,
+    envelope_from: str,
+    recipients: list[str],
+    profile: str = "default",
+    idempotency_key: str | None = None,
+    _meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Send a prebuilt RFC 5322 message (base64 of its bytes) as given.
+
+    Line endings are normalised to CRLF; nothing else is changed.
+    """
+    kwargs: dict[str, Any] = {
+        "raw_b64": raw_b64,
+        "envelope_from": envelope_from,
+        "recipients": recipients,
+        "profile": profile,
+        "idempotency_key": idempotency_key,
+    }
+    if _meta:
+        kwargs["_meta"] = _meta
+    return _run(self, SEND_MESSAGE, kwargs)
+
+
+_T = TypeVar("_T")
+
+
+def _published(task: _T, name: str) -> _T:
+    """``task``, resolved by name in the publishing app when used."""
+    return cast("_T", Proxy(lambda: publishing_app().tasks[name]))
+
+
+#: ``send_mail.delay(...)``: see the task's docstring.
+send_mail = _published(_send_mail, SEND_MAIL)
+#: ``send_message.delay(raw_b64, envelope_from, recipients)``: see the task's docstring.
+send_message = _published(_send_message, SEND_MESSAGE)
+
+
+# -- worker life cycle -------------------------------------------------------------
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # Sessions and Redis connections are made after the fork, never inherited.
+    _state.delivery = None
+
+
+@signals.worker_process_shutdown.connect
+def _process_shutdown(**_: Any) -> None:
+    if _state.delivery is not None and _state.pid == os.getpid():
+        closed = _state.delivery.pool.close_all()
+        log.info("worker.sessions_closed", sessions=closed, pid=os.getpid())
+
+
+@signals.worker_init.connect
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if isinstance(app, Celery):
+        ensure_limits(app)
+
+
+@signals.worker_ready.connect
+def _start_mover(sender: Any = None, **_: Any) -> None:
+    app = sender.app if sender is not None else None
+    if app is None:
+        return
+    settings = settings_of(app)
+    client = _redis(settings)
+    dlq = DeadLetterStore(client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
+    producer = Producer(app)
+
+    def publish(task: ScheduledTask) -> None:
+        producer.publish(task.task, task.kwargs, task_id=task.id)
+
+    # Records past MAILWORKER_DLQ_TTL go even when no new dead letter arrives.
+    _state.mover = RetryMover(RetrySchedule(client), publish, housekeeping=dlq.prune)
+    _state.mover.start()
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(**_: Any) -> None:
+    if _state.mover is not None:
+        _state.mover.stop()
+    _process_shutdown()
