@@ -1,5 +1,6 @@
 """mailworker: transactional email from Celery workers over held-open SMTP sessions."""
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from mailworker.errors import (
@@ -18,31 +19,46 @@ from mailworker.errors import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
-from mailworker.smtp import (
-    Profile,
-    RecipientResult,
-    Reply,
-    SendResult,
-    SessionInfo,
-    SMTPSession,
-    Timeouts,
-)
 
 if TYPE_CHECKING:
+    from mailworker.smtp import (
+        Profile,
+        RecipientResult,
+        Reply,
+        SendResult,
+        SessionInfo,
+        SMTPSession,
+        Timeouts,
+    )
     from mailworker.worker.tasks import send_mail, send_message
 
 __version__ = "0.1.0"
 
-#: Loaded on first use, so that using the SMTP layer alone never imports Celery.
-_TASKS = ("send_mail", "send_message")
+#: Loaded on first use: the SMTP layer alone never imports Celery, and a process that
+#: only builds messages (``mailworker.message``) loads the standard library only.
+_LAZY = {
+    "send_mail": "mailworker.worker.tasks",
+    "send_message": "mailworker.worker.tasks",
+    **dict.fromkeys(
+        (
+            "Profile",
+            "RecipientResult",
+            "Reply",
+            "SendResult",
+            "SessionInfo",
+            "SMTPSession",
+            "Timeouts",
+        ),
+        "mailworker.smtp",
+    ),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TASKS:
-        from mailworker.worker import tasks  # noqa: PLC0415
-
-        return getattr(tasks, name)
-    raise AttributeError(f"module 'mailworker' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mailworker' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [

@@ -7,19 +7,23 @@ worker has its own ``redis-server``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
 
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule
-from tests.servers import RedisServer, Script, ScriptedServer, SMTPServer, TLSMaterials
+from tests.servers import RedisServer, ScriptedServer, SMTPServer, TLSMaterials
+from tests.servers.base import Service
 
 #: Databases handed out by ``redis_url`` in turn (0 is left alone).
 _REDIS_DBS = itertools.cycle(range(1, 16))
+
+_S = TypeVar("_S", bound=Service)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,6 +40,24 @@ def tls_ca(tmp_path_factory: pytest.TempPathFactory) -> TLSMaterials:
     return TLSMaterials(tmp_path_factory.mktemp("tls"))
 
 
+def _starter(build: Callable[..., _S], started: list[_S]) -> Callable[..., _S]:
+    """A factory fixture's function: builds a server with ``build``, notes it in
+    ``started`` (for the fixture to stop at teardown) and starts it."""
+
+    def create(*args: Any, **options: Any) -> _S:
+        server = build(*args, **options)
+        started.append(server)
+        return server.start()
+
+    return create
+
+
+def _stop_all(servers: list[_S]) -> None:
+    """Stop ``servers``, the last started first."""
+    for server in reversed(servers):
+        server.stop()
+
+
 @pytest.fixture
 def smtp_server(tls_ca: TLSMaterials) -> Iterator[Callable[..., SMTPServer]]:
     """Factory: ``smtp_server(**options)`` starts an :class:`SMTPServer`.
@@ -43,16 +65,8 @@ def smtp_server(tls_ca: TLSMaterials) -> Iterator[Callable[..., SMTPServer]]:
     ``tls_materials`` defaults to ``tls_ca``; every server is stopped after the test.
     """
     servers: list[SMTPServer] = []
-
-    def create(**options: Any) -> SMTPServer:
-        options.setdefault("tls_materials", tls_ca)
-        server = SMTPServer(**options)
-        servers.append(server)
-        return server.start()
-
-    yield create
-    for server in reversed(servers):
-        server.stop()
+    yield _starter(functools.partial(SMTPServer, tls_materials=tls_ca), servers)
+    _stop_all(servers)
 
 
 @pytest.fixture
@@ -71,16 +85,8 @@ def scripted_server(tls_ca: TLSMaterials) -> Iterator[Callable[..., ScriptedServ
     exception a script raised (other than the connection ending) fails the test.
     """
     servers: list[ScriptedServer] = []
-
-    def create(script: Script, **options: Any) -> ScriptedServer:
-        options.setdefault("tls_materials", tls_ca)
-        server = ScriptedServer(script, **options)
-        servers.append(server)
-        return server.start()
-
-    yield create
-    for server in reversed(servers):
-        server.stop()
+    yield _starter(functools.partial(ScriptedServer, tls_materials=tls_ca), servers)
+    _stop_all(servers)
     for server in servers:
         server.check()
 
@@ -126,15 +132,8 @@ def redis_server_factory() -> Iterator[Callable[..., RedisServer]]:
     For tests that stop or restart Redis; all are stopped after the test.
     """
     servers: list[RedisServer] = []
-
-    def create(**options: Any) -> RedisServer:
-        server = RedisServer(**options)
-        servers.append(server)
-        return server.start()
-
-    yield create
-    for server in reversed(servers):
-        server.stop()
+    yield _starter(RedisServer, servers)
+    _stop_all(servers)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,12 +42,14 @@ class Stack:
     worker: WorkerProcess
     logs: Path
 
-    def wait_for(self, subject: str, timeout: float = 20.0) -> ReceivedMessage:
-        """The message with ``subject``, once the server has it."""
+    def wait_for(
+        self, subject: str, to: str | None = None, timeout: float = 20.0
+    ) -> ReceivedMessage:
+        """The message with ``subject`` (and recipient ``to``), once the server has it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for message in list(self.server.handler.messages):
-                if message.parsed()["Subject"] == subject:
+                if message.parsed()["Subject"] == subject and to in (None, *message.rcpt_tos):
                     return message
             time.sleep(0.05)
         raise AssertionError(f"no message {subject!r} arrived within {timeout}s")
@@ -135,8 +138,51 @@ def _post(url: str, data: dict[str, str], timeout: float = 20.0) -> tuple[int, d
             time.sleep(0.1)
 
 
+#: Run by ``manage.py shell -c``: POST each form in $EXAMPLE_FORMS (JSON) to /welcome/
+#: with Django's test client, print ``[[status, answer], ...]`` as JSON.
+DJANGO_CLIENT = """
+import json, os
+from django.test import Client
+client = Client(HTTP_HOST="localhost")
+answers = []
+for form in json.loads(os.environ["EXAMPLE_FORMS"]):
+    response = client.post("/welcome/", form)
+    answers.append([response.status_code, response.json()])
+print(json.dumps(answers))
+"""
+
+
 class TestDjangoProject:
     """examples/django_project, run as its README says."""
+
+    def test_invalid_form_is_400(self, stack: Stack) -> None:
+        """A bad address gets 400 with the form's errors by field, not a 500 traceback;
+        one only mailworker refuses gets 400 with mailworker's message."""
+        long_local = "a" * 65 + "@example.org"  # Django's EmailField lets it through
+        forms = [{"email": "bad", "name": "Ann"}, {"name": "Ann"}, {"email": long_local}]
+        env = _clean_env(
+            CELERY_BROKER_URL=stack.redis.url_for(2),
+            PYTHONPATH=str(DJANGO_PROJECT),
+            EXAMPLE_FORMS=json.dumps(forms),
+        )
+        done = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", DJANGO_CLIENT],
+            env=env, cwd=DJANGO_PROJECT, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        bad, missing, too_long = json.loads(done.stdout.splitlines()[-1])
+        assert bad == [400, {"errors": {"email": [
+            {"message": "Enter a valid email address.", "code": "invalid"}
+        ]}}]  # fmt: skip
+        assert missing[0] == 400
+        assert missing[1]["errors"]["email"][0]["message"] == "This field is required."
+        assert too_long[0] == 400
+        [error] = too_long[1]["errors"]["__all__"]
+        assert error["message"] == (
+            f"recipients[0]: {long_local!r} is not a valid email address "
+            "(local part is longer than 64 octets)"
+        )
 
     def test_welcome_view_sends_mail(self, stack: Stack) -> None:
         """check passes; mailworker_worker (from settings) delivers the view's welcome mail."""
@@ -218,13 +264,37 @@ class TestFlaskApp:
         (attachment,) = message.iter_attachments()
         assert attachment.get_content() == "Hello there"
 
+    def test_invalid_address_is_400(self, stack: Stack, example: Any) -> None:
+        """POST /contact with email=bad gets 400 and the error naming the field, not a 500."""
+        app = example.create_app({"MAILWORKER_BROKER_URL": stack.redis.url_for(0)})
+        form = {"email": "bad", "message": "Hello there"}
+        response = app.test_client().post("/contact", data=form)
+        assert response.status_code == 400
+        assert response.json == {
+            "error": "reply_to: 'bad' is not a valid email address (expected exactly one '@')",
+            "field": "reply_to",
+        }
+
     def test_send_test_command(self, stack: Stack, example: Any) -> None:
         """flask send-test waits for the worker and prints the outcome."""
         app = example.create_app({"MAILWORKER_BROKER_URL": stack.redis.url_for(0)})
         result = app.test_cli_runner().invoke(args=["send-test", "bob@example.org"])
         assert result.exit_code == 0, result.output
-        assert result.output.startswith("sent: <")
-        assert stack.wait_for("mailworker test").rcpt_tos == ("bob@example.org",)
+        assert re.fullmatch(r"sent: <\S+@example\.com> 250 .*\n", result.output), result.output
+        assert stack.wait_for("mailworker test", to="bob@example.org")
+
+    def test_send_test_command_deferred(self, stack: Stack, example: Any) -> None:
+        """When the first attempt gets 451, send-test prints the deferral and exits 1;
+        the worker's retry delivers the message later."""
+        app = example.create_app({"MAILWORKER_BROKER_URL": stack.redis.url_for(0)})
+        stack.server.handler.rcpt_replies_once["dana@example.org"] = "451 4.2.0 Greylisted"
+        result = app.test_cli_runner().invoke(args=["send-test", "dana@example.org"])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("deferred: <"), result.output
+        assert "451" in result.output
+        assert "Greylisted" in result.output
+        assert re.search(r"\(retry at \d\d:\d\d:\d\d\)\n$", result.output), result.output
+        assert stack.wait_for("mailworker test", to="dana@example.org")
 
 
 class TestSendOne:

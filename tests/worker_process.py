@@ -23,10 +23,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from celery import Celery
 
@@ -36,8 +35,6 @@ from mailworker.worker.settings import Settings
 
 #: Settings every end-to-end test starts from (seconds): short retry delays, a task
 #: time limit below half the visibility timeout.
-T = TypeVar("T")
-
 BASE_SETTINGS: Mapping[str, str] = {
     "MAILWORKER_DEFAULT_FROM": "App <app@example.com>",
     "MAILWORKER_RETRY_DELAYS": "1,1,2",
@@ -47,30 +44,16 @@ BASE_SETTINGS: Mapping[str, str] = {
     "MAILWORKER_TASK_TIME_LIMIT": "4",
     "MAILWORKER_LOG_FORMAT": "json",
 }
-
-
-def smtp_url(
-    port: int,
-    *,
-    user: str | None = None,
-    password: str | None = None,
-    ca_file: str | os.PathLike[str] | None = None,
-    scheme: str = "smtp+starttls",
-    host: str = "localhost",
-    **options: object,
-) -> str:
-    """A profile URL for a test server; user and password are percent-encoded."""
-    auth = ""
-    if user is not None:
-        auth = urllib.parse.quote(user, safe="")
-        if password is not None:
-            auth += ":" + urllib.parse.quote(password, safe="")
-        auth += "@"
-    query = dict(options)
-    if ca_file is not None:
-        query["ca_file"] = str(ca_file)
-    tail = f"?{urllib.parse.urlencode(query)}" if query else ""
-    return f"{scheme}://{auth}{host}:{port}{tail}"
+#: Fields every terminal event (mail.sent, mail.deferred, mail.dead_lettered) carries.
+TERMINAL_FIELDS = (
+    "message_id",
+    "task_id",
+    "profile",
+    "attempt",
+    "duration_ms",
+    "reply",
+    "transcript",
+)
 
 
 def worker_env(broker_url: str, smtp_urls: Mapping[str, str], **settings: str) -> dict[str, str]:
@@ -85,12 +68,18 @@ def worker_env(broker_url: str, smtp_urls: Mapping[str, str], **settings: str) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
     env.update(BASE_SETTINGS)
     env["MAILWORKER_BROKER_URL"] = broker_url
-    for name, url in smtp_urls.items():
-        suffix = "" if name == "default" else "_" + name.upper()
-        env[f"MAILWORKER_SMTP_URL{suffix}"] = url
+    env.update(profile_vars(smtp_urls))
     env.update(settings)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def profile_vars(smtp_urls: Mapping[str, str]) -> dict[str, str]:
+    """``MAILWORKER_SMTP_URL[_<NAME>]`` variables for profile name -> URL."""
+    return {
+        "MAILWORKER_SMTP_URL" + ("" if name == "default" else "_" + name.upper()): url
+        for name, url in smtp_urls.items()
+    }
 
 
 def mailworker_executable() -> str:
@@ -330,15 +319,3 @@ def producer(env: Mapping[str, str]) -> Iterator[Celery]:
     finally:
         worker_app._publishing[:] = previous
         app.close()
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)

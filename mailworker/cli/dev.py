@@ -97,7 +97,7 @@ def _describe(server: DevServer) -> list[str]:
     default="devmail",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Maildir to write messages to (created if missing).",
+    help="Maildir to write messages to (created if missing or empty).",
 )
 @click.option(
     "--tls",
@@ -149,10 +149,12 @@ def devserver(
 
     Like MailHog or Mailpit, point an application at it instead of a real provider:
     each accepted message is written to MAILDIR/new (one file each, with Return-Path
-    and Delivered-To in front) and printed as one line. With --tls it makes a CA and a
-    certificate for HOSTNAME at start and writes the CA certificate next to the
-    maildir, so clients can verify it (?ca_file=...). PATTERNs are shell-style
-    wildcards matched against the recipient address, e.g. '*@bounce.example'.
+    and Delivered-To in front) and printed as one line. MAILDIR may be new, empty or
+    an existing Maildir (cur/, new/ and tmp/ are created as needed); any other
+    directory is refused. With --tls it makes a CA and a certificate for HOSTNAME at
+    start and writes the CA certificate next to the maildir, so clients can verify it
+    (?ca_file=...). PATTERNs are shell-style wildcards matched against the recipient
+    address, e.g. '*@bounce.example'.
 
     Runs until Ctrl-C or SIGTERM, then prints how many messages arrived over how many
     connections, TLS sessions and AUTHs.
@@ -163,19 +165,27 @@ def devserver(
       mailworker devserver --tls starttls --auth dev:secret --reject '*@bounce.example'
     """
     dev = load("mailworker.dev.server")
-    server: DevServer = dev.DevServer(
-        maildir,
-        host=host,
-        port=port,
-        tls=tls,
-        auth=auth,
-        reject=reject,
-        defer=defer,
-        defer_once=defer_once,
-        hostname=hostname,
-        ca_file=ca_file,
-        on_event=click.echo,
-    )
+    try:
+        server: DevServer = dev.DevServer(
+            maildir,
+            host=host,
+            port=port,
+            tls=tls,
+            auth=auth,
+            reject=reject,
+            defer=defer,
+            defer_once=defer_once,
+            hostname=hostname,
+            ca_file=ca_file,
+            on_event=click.echo,
+        )
+    except ValueError as exc:  # only the maildir: click has checked the other options
+        raise click.BadParameter(str(exc), param_hint="'--maildir'") from None
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot create the maildir {exc.filename or maildir}: {exc.strerror or exc}",
+            param_hint="'--maildir'",
+        ) from None
     try:
         server.start()
     except OSError as exc:

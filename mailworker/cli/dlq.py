@@ -14,7 +14,6 @@ what the commands print for people, and duration parsing, in :mod:`mailworker.cl
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,10 +22,18 @@ from typing import Any
 import click
 import redis
 
-from mailworker.cli._dlq_format import describe, parse_duration, plural, record_table, stats_lines
+from mailworker.cli._dlq_format import (
+    describe,
+    json_line,
+    parse_duration,
+    plural,
+    printable,
+    record_table,
+    stats_lines,
+)
 from mailworker.cli._dlq_select import duration_option, filter_options, store_filters, target_ids
 from mailworker.errors import ConfigError
-from mailworker.store.deadletter import DeadLetterStore
+from mailworker.store.deadletter import DeadLetterStore, PayloadNotKeptError
 from mailworker.worker.settings import Settings
 
 __all__ = ["PROGRESS_MIN", "DlqHooks", "Publish", "default_publish", "dlq", "parse_duration"]
@@ -73,9 +80,7 @@ class _State:
             except ConfigError as exc:
                 raise click.ClickException(str(exc)) from None
             url = self.redis_url or settings.redis_url
-            self._store = DeadLetterStore.from_url(
-                url, max_records=settings.dlq_max, ttl=settings.dlq_ttl
-            )
+            self._store = DeadLetterStore.from_url(url, **settings.dlq_limits)
             click.get_current_context().call_on_close(self._store.redis.close)
         return self._store
 
@@ -117,7 +122,14 @@ def dlq(ctx: click.Context, redis_url: str | None) -> None:
     the last error, the SMTP transcript of the last attempt and the attempt history.
 
     The store keeps at most MAILWORKER_DLQ_MAX records (default 100000) and none older
-    than MAILWORKER_DLQ_TTL seconds (default 30 days); the oldest go first.
+    than MAILWORKER_DLQ_TTL seconds (default 30 days); the oldest go first. All records
+    together take at most MAILWORKER_DLQ_MAX_BYTES (default 256 MiB): beyond it the
+    oldest payloads are evicted first, then the oldest records. A payload larger than
+    MAILWORKER_DLQ_MAX_PAYLOAD_BYTES (default 34 MiB) is not kept at all. A record
+    without its payload still shows its error and transcript, but cannot be re-queued.
+
+    Everything printed for people shows control characters as escapes (\\x1b), so a
+    hostile subject or reply cannot drive your terminal.
 
     \b
     Typical session:
@@ -152,7 +164,8 @@ def list_(
     The table shows id, when, reason, reply code, recipients, subject and attempts.
     With --json each line is a JSON object: id, created_at, reason, task, code,
     enhanced_code, stage, error, recipients, subject, attempts, profile, task_id,
-    first/last attempt times, and attachments as file name and size (never content).
+    first/last attempt times, attachments as file name and size (never content),
+    payload_bytes and payload_kept. Payloads are never loaded.
 
     \b
     Examples:
@@ -162,7 +175,7 @@ def list_(
     records = state.store().list(**store_filters(reason, code, profile, since), limit=limit)
     if as_json:
         for record in records:
-            click.echo(json.dumps(record.summary(), ensure_ascii=False))
+            click.echo(json_line(record.summary()))
         return
     if not records:
         filtered = any(v is not None for v in (reason, code, profile, since))
@@ -180,14 +193,17 @@ def show(state: _State, id: str, as_json: bool) -> None:
     """Show one dead letter: payload, error, transcript and attempt history.
 
     The payload is summarised: attachments appear as file name, type and size, a
-    prebuilt message as its size; their bytes are never shown. ID is the first
-    column of `mailworker dlq list`.
+    prebuilt message as its size; their bytes are never shown. If the payload was
+    not kept (too large, or evicted for the byte budget) the page says so and why.
+    ID is the first column of `mailworker dlq list`.
     """
     record = state.store().get(id)
     if record is None:
-        raise click.ClickException(f"no dead letter with id {id!r} (see `mailworker dlq list`)")
+        raise click.ClickException(
+            f"no dead letter with id {printable(repr(id))} (see `mailworker dlq list`)"
+        )
     if as_json:
-        click.echo(json.dumps(record.details(), ensure_ascii=False, indent=2))
+        click.echo(json_line(record.details(), indent=2))
         return
     for line in describe(record):
         click.echo(line)
@@ -213,7 +229,8 @@ def retry(
     Give the IDs to re-queue, or --all with optional filters. The message keeps its
     Message-ID and goes only to the recipients that failed. A record leaves the store
     only after its new task was enqueued: if enqueueing fails, it stays (and the
-    command stops with exit status 1).
+    command stops with exit status 1). A record whose payload was not kept is
+    refused and stays; the others are still re-queued, and the exit status is 1.
 
     \b
     Examples:
@@ -225,11 +242,15 @@ def retry(
     if not targets:
         click.echo("Nothing to re-queue.")
         return
-    done, missing = 0, []
+    done, missing, refused = 0, [], []
     with _progress(len(targets), "Re-queueing") as bar:
         for position, id_ in enumerate(targets):
             try:
                 task_id = store.requeue(id_, state.publish)
+            except PayloadNotKeptError as exc:
+                refused.append(f"{id_} ({exc.reason})")
+                bar.update(1)
+                continue
             except Exception as exc:  # the broker's or Redis's; the record stays either way
                 left = len(targets) - position
                 raise click.ClickException(
@@ -244,6 +265,16 @@ def retry(
             if not bar.active:
                 click.echo(f"{id_} re-queued as task {task_id}")
     click.echo(f"Re-queued {done} of {len(targets)}.")
+    if refused:
+        problems = [
+            f"cannot re-queue {plural(len(refused))}, the payload was not kept: "
+            + "; ".join(refused)
+            + ". They stay in the store: resend those messages from the application, "
+            "then purge the records"
+        ]
+        if missing:
+            problems.append(f"no dead letter with id {', '.join(missing)}")
+        raise click.ClickException(printable(". ".join(problems)))
     _fail_missing(missing)
 
 
@@ -321,7 +352,7 @@ def stats(state: _State, as_json: bool) -> None:
     """Count dead letters by reason, reply code and profile."""
     counts = state.store().stats()
     if as_json:
-        click.echo(json.dumps(counts, ensure_ascii=False))
+        click.echo(json_line(counts))
         return
     for line in stats_lines(counts):
         click.echo(line)
@@ -372,4 +403,4 @@ def _stderr_is_tty() -> bool:
 def _fail_missing(missing: Iterable[str]) -> None:
     missing = list(missing)
     if missing:
-        raise click.ClickException(f"no dead letter with id {', '.join(missing)}")
+        raise click.ClickException(printable(f"no dead letter with id {', '.join(missing)}"))

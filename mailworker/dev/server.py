@@ -24,7 +24,6 @@ import contextlib
 import fnmatch
 import hmac
 import mailbox
-import socket
 import ssl
 import threading
 import time
@@ -38,7 +37,14 @@ from types import TracebackType
 from typing import Literal
 from urllib.parse import quote
 
-from mailworker.dev._smtp import INSTALL_HINT, Protocol, ThreadedServer, tls_context
+from mailworker.dev._smtp import (
+    INSTALL_HINT,
+    Protocol,
+    ThreadedServer,
+    free_port,
+    tls_context,
+)
+from mailworker.dev._smtp import bindable as _bindable
 
 __all__ = ["INSTALL_HINT", "TLS_MODES", "Counters", "DevServer", "TLSMode", "free_port"]
 
@@ -49,6 +55,8 @@ TLS_MODES: tuple[TLSMode, ...] = ("none", "starttls", "implicit")
 REJECT_REPLY = "550 5.1.1 <{}>: Recipient address rejected (devserver --reject)"
 #: Reply to a recipient matching ``defer`` or, the first time, ``defer_once`` (transient).
 DEFER_REPLY = "451 4.2.0 <{}>: Greylisted, try again later (devserver {})"
+#: The subdirectories that make a directory a Maildir.
+MAILDIR_PARTS = ("cur", "new", "tmp")
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,8 @@ class DevServer:
     """A development SMTP server in a background thread, writing messages to a maildir.
 
     Args:
-        maildir: directory of the maildir (created if missing).
+        maildir: directory of the maildir: an existing Maildir, or a directory that is
+            missing or empty, in which ``cur/``, ``new/`` and ``tmp/`` are created.
         host: address to listen on.
         port: port to listen on; 0 picks a free one (see :attr:`port` after start).
         tls: ``"none"``, ``"starttls"`` or ``"implicit"``.
@@ -108,7 +117,9 @@ class DevServer:
             (from the server thread).
 
     Raises:
-        ValueError: an unknown TLS mode or an empty user name.
+        ValueError: an unknown TLS mode, an empty user name, or a ``maildir`` that is a
+            file or a directory that is neither empty nor a Maildir.
+        OSError: the maildir could not be created (e.g. no permission).
     """
 
     def __init__(
@@ -143,7 +154,7 @@ class DevServer:
         if tls != "none":
             default_ca = self.maildir_path.parent / f"{self.maildir_path.name}-ca.pem"
             self.ca_file = (Path(ca_file) if ca_file is not None else default_ca).absolute()
-        self.maildir = mailbox.Maildir(self.maildir_path, factory=None, create=True)
+        self.maildir = _open_maildir(self.maildir_path)
         self._on_event = on_event
         self._counters = Counters()
         self._tried_once: set[str] = set()
@@ -326,23 +337,33 @@ class DevServer:
         return tls_context(sorted(names), self.hostname, str(self.ca_file))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (aiosmtpd's ``port=0`` does not work)."""
-    return _bindable(host, 0)
+def _open_maildir(path: Path) -> mailbox.Maildir:
+    """The Maildir at ``path``, creating ``cur/``, ``new/`` and ``tmp/`` when ``path`` is
+    missing (parents too), an empty directory, or holds only some of them.
 
-
-def _bindable(host: str, port: int) -> int:
-    """``port`` (or, for 0, the one the system picks) if it can be bound on ``host`` now.
-
-    aiosmtpd only notices a taken port after its start-up timeout (5 s); this says so
-    at once.
+    The stdlib's ``Maildir(create=True)`` only creates a directory that does not exist:
+    in an existing empty one (``mkdir mail`` first) every delivery would fail. Entries
+    whose names start with a dot (``.gitkeep``, Maildir++ folders) do not count.
 
     Raises:
-        OSError: it cannot (e.g. EADDRINUSE).
+        ValueError: ``path`` is a file, or a directory that is neither empty nor a
+            Maildir; the message says what to do.
+        OSError: the directories could not be created.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
-        sock.bind((host, port))
-        bound: int = sock.getsockname()[1]
-        return bound
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
+    elif not path.is_dir():
+        raise ValueError(f"{path} is a file, not a directory; give a directory for the maildir")
+    else:
+        present = {entry.name for entry in path.iterdir() if not entry.name.startswith(".")}
+        parts = {name for name in MAILDIR_PARTS if (path / name).is_dir()}
+        if len(parts) < len(MAILDIR_PARTS) and not present <= parts:
+            others = sorted(present - parts)
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ValueError(
+                f"{path} is neither empty nor a Maildir (it has {shown} but not cur/, new/ "
+                "and tmp/); give a new or empty directory, or an existing Maildir"
+            )
+    for name in MAILDIR_PARTS:
+        (path / name).mkdir(mode=0o700, exist_ok=True)
+    return mailbox.Maildir(path, factory=None, create=False)

@@ -313,58 +313,36 @@ class RawPayload:
     @property
     def message_id(self) -> str | None:
         """The Message-ID header, or None if the message has none."""
-        value = _header_block(self.message).get("Message-ID")
-        return str(value).strip() if value is not None else None
+        return _message_id(_header_block(self.message))
 
     @property
     def subject(self) -> str | None:
         """The decoded Subject header, or None if the message has none."""
-        value = _header_block(self.message).get("Subject")
-        return str(value) if value is not None else None
-
-    @property
-    def needs_smtputf8(self) -> bool:
-        """True if an envelope address or a header holds non-ASCII (raw UTF-8) text."""
-        match = _BLANK_LINE.search(self.message)
-        headers = self.message[: match.start()] if match else self.message
-        addresses = (self.envelope_from, *self.recipients)
-        return not headers.isascii() or not all(a.partition("@")[0].isascii() for a in addresses)
-
-    @property
-    def needs_8bitmime(self) -> bool:
-        """True if the message has bytes above 127, which only 8BITMIME lets through."""
-        return not self.message.isascii()
+        return _subject(_header_block(self.message))
 
     def summary(self) -> dict[str, object]:
         """A small JSON-safe description for logs and dead-letter records (no content).
 
-        Attachments are found by parsing the whole message, so this costs a MIME parse.
+        Read from the header block alone, so it costs little for a message of any size
+        and can be made on every attempt. Attachments are not listed: finding them would
+        take a MIME parse of the whole message.
         """
-        parsed = BytesParser(_class=EmailMessage, policy=email_policy.default).parsebytes(
-            self.message
-        )
-        attachments: list[dict[str, object]] = []
-        for part in parsed.walk():
-            if part.is_multipart() or part.get_content_disposition() is None:
-                continue
-            if part is parsed:
-                continue
-            content = part.get_payload(decode=True)
-            content_id = part.get("Content-ID")
-            attachments.append(
-                {
-                    "filename": part.get_filename(),
-                    "mimetype": part.get_content_type(),
-                    "size": len(content) if isinstance(content, bytes) else 0,
-                    "content_id": str(content_id).strip().strip("<>") if content_id else None,
-                }
-            )
+        headers = _header_block(self.message)
         return {
             "kind": "raw",
             "from": self.envelope_from,
             "recipients": list(self.recipients),
-            "subject": self.subject,
-            "message_id": self.message_id,
+            "subject": _subject(headers),
+            "message_id": _message_id(headers),
             "size": len(self.message),
-            "attachments": attachments,
         }
+
+
+def _message_id(headers: EmailMessage) -> str | None:
+    value = headers.get("Message-ID")
+    return str(value).strip() if value is not None else None
+
+
+def _subject(headers: EmailMessage) -> str | None:
+    value = headers.get("Subject")
+    return str(value) if value is not None else None

@@ -12,8 +12,16 @@ The URL scheme fixes the transport security, and nothing downgrades it:
 Environment (``<NAME>`` is the upper-cased profile name; none for ``default``):
 
 - ``MAILWORKER_SMTP_URL`` / ``MAILWORKER_SMTP_URL_<NAME>``
-- ``MAILWORKER_SMTP_PASSWORD[_<NAME>]`` or ``MAILWORKER_SMTP_PASSWORD_FILE[_<NAME>]``
-- ``MAILWORKER_SMTP_OAUTH_TOKEN[_<NAME>]`` or ``MAILWORKER_SMTP_OAUTH_TOKEN_FILE[_<NAME>]``
+- ``MAILWORKER_SMTP_PASSWORD[_<NAME>]`` or ``MAILWORKER_SMTP_PASSWORD[_<NAME>]_FILE``
+- ``MAILWORKER_SMTP_OAUTH_TOKEN[_<NAME>]`` or ``MAILWORKER_SMTP_OAUTH_TOKEN[_<NAME>]_FILE``
+
+A secret's file variable is its variable with ``_FILE`` appended, as Docker images do
+(``POSTGRES_PASSWORD_FILE``): ``MAILWORKER_SMTP_PASSWORD_BULK_FILE`` for profile ``bulk``.
+The spelling ``MAILWORKER_SMTP_PASSWORD_FILE_BULK`` is refused with an error naming the
+right one.
+
+Profile names are case-insensitive: they are lower-cased once
+(:func:`normalize_profile_name`), so ``Bulk`` and ``bulk`` are one profile, one session.
 """
 
 from __future__ import annotations
@@ -147,9 +155,10 @@ class Profile:
             if text is not None and ("\r" in text or "\n" in text):
                 raise ConfigError(f"{where}: username and password must not contain CR or LF")
         if self.username is not None and self.password is None and not self.oauth_token_provider:
+            var = f"MAILWORKER_SMTP_PASSWORD{_suffix(self.name)}"
             raise ConfigError(
                 f"{where}: user {self.username!r} has no password; put it in the URL or "
-                "set MAILWORKER_SMTP_PASSWORD (or _FILE)"
+                f"set {var} (or {var}_FILE)"
             )
         if self.oauth_token_provider is not None and self.username is None:
             raise ConfigError(f"{where}: XOAUTH2 needs the user name in the URL")
@@ -204,8 +213,11 @@ class Profile:
         try:
             parts = urlsplit(url.strip())
             hostname = parts.hostname
-        except ValueError as exc:  # e.g. an unbalanced [ in an IPv6 literal
-            raise ConfigError(f"{where}: the SMTP URL is malformed ({exc})") from None
+        except ValueError as exc:
+            # Never quote exc: urllib's NFKC check quotes the whole netloc, password too.
+            raise ConfigError(
+                f"{where}: the SMTP URL is malformed ({_split_problem(exc)})"
+            ) from None
         scheme = parts.scheme.lower()
         if scheme not in SCHEMES:
             raise ConfigError(
@@ -245,17 +257,22 @@ class Profile:
     def from_env(cls, name: str = "default", environ: Mapping[str, str] | None = None) -> Profile:
         """Read profile ``name`` from ``MAILWORKER_SMTP_URL[_<NAME>]`` and friends.
 
+        ``name`` is case-insensitive (see :func:`normalize_profile_name`).
+
         Raises:
             ConfigError: the variable is missing or malformed (the message names it).
         """
         env = os.environ if environ is None else environ
-        suffix = "" if name == "default" else "_" + name.upper()
+        name = normalize_profile_name(name)
+        suffix = _suffix(name)
         var = f"MAILWORKER_SMTP_URL{suffix}"
         url = env.get(var)
         if not url:
             raise ConfigError(
                 f"profile {name!r}: set {var} (e.g. smtps://user:password@smtp.example.com)"
             )
+        for secret in ("PASSWORD", "OAUTH_TOKEN"):
+            _refuse_misplaced_file(env, secret, suffix)
         password = _secret(env, f"MAILWORKER_SMTP_PASSWORD{suffix}")
         token_var = f"MAILWORKER_SMTP_OAUTH_TOKEN{suffix}"
         provider = _token_provider(env, token_var)
@@ -265,16 +282,58 @@ class Profile:
             raise ConfigError(f"{var}: {exc}") from None
 
 
+def normalize_profile_name(name: str | None) -> str:
+    """The canonical form of a profile name: stripped and lower-cased; ``default`` if empty.
+
+    Names are matched case-insensitively (they become ``MAILWORKER_SMTP_URL_<NAME>``,
+    upper-cased, anyway), so ``Bulk`` and ``bulk`` must share one profile and one session:
+    normalise a name once, where it enters (the task's ``profile``), and key on the result.
+    """
+    return (name or "").strip().lower() or "default"
+
+
 def profile_names(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The names of every profile configured in the environment."""
+    """The names of every profile configured in the environment (normalised)."""
     env = os.environ if environ is None else environ
-    names = []
+    names = set()
     for key in env:
         if key == "MAILWORKER_SMTP_URL":
-            names.append("default")
+            names.add("default")
         elif key.startswith("MAILWORKER_SMTP_URL_"):
-            names.append(key.removeprefix("MAILWORKER_SMTP_URL_").lower())
+            names.add(normalize_profile_name(key.removeprefix("MAILWORKER_SMTP_URL_")))
     return sorted(names)
+
+
+def _suffix(name: str) -> str:
+    """The environment variables' suffix for profile ``name``: none for ``default``."""
+    return "" if name == "default" else "_" + name.upper()
+
+
+def _split_problem(exc: ValueError) -> str:
+    """What urllib found wrong with a URL, without quoting the URL (it may hold a password)."""
+    text = str(exc)
+    if "NFKC" in text:
+        return (
+            "the user name, password or host contains a character that Unicode (NFKC) "
+            "normalisation turns into a URL delimiter, such as U+FF03 (fullwidth #); "
+            "percent-encode the user name and password"
+        )
+    if "IPv6" in text:
+        return "unbalanced [ ] around an IPv6 address"
+    return "it cannot be split into scheme, host and options"
+
+
+def _refuse_misplaced_file(env: Mapping[str, str], secret: str, suffix: str) -> None:
+    """``MAILWORKER_SMTP_<SECRET>_FILE_<NAME>`` is read by nothing: say which name is."""
+    if not suffix:
+        return
+    wrong = f"MAILWORKER_SMTP_{secret}_FILE{suffix}"
+    # ...unless it is the plain secret of a profile named FILE_<NAME>.
+    if env.get(wrong) and f"MAILWORKER_SMTP_URL_FILE{suffix}" not in env:
+        raise ConfigError(
+            f"{wrong} is not read: a secret file's variable is the secret's variable with "
+            f"_FILE appended; rename it to MAILWORKER_SMTP_{secret}{suffix}_FILE"
+        )
 
 
 _OPTIONS: dict[str, Callable[[str, str], object]] = {}

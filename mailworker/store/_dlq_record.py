@@ -2,6 +2,11 @@
 
 The store that keeps them in Redis is :class:`mailworker.store.deadletter.DeadLetterStore`; this
 module needs neither Redis nor Celery.
+
+A record's ``kwargs`` (the payload) is kept apart from the rest of it, so that listing and
+counting never load attachments. A record read without its payload carries a compact
+summary in ``kwargs`` (:func:`compact_summary`) and ``payload_complete=False``; it cannot be
+re-queued (:class:`PayloadNotKeptError`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+from mailworker.errors import MailworkerError
 
 DeadLetterReason = Literal["invalid", "permanent", "exhausted", "poison"]
 
@@ -28,6 +35,10 @@ REASONS: tuple[str, ...] = get_args(DeadLetterReason)
 #: skipped as a duplicate. Keeping it also makes two re-queues of one record
 #: deliver once.
 KEPT_META = ("key", "message_id", "date", "recipients", "queue", "exchange")
+
+#: Strings in a record's payload summary are cut to this many characters, so a large
+#: text or HTML body does not come along whenever records are listed.
+SUMMARY_TEXT_MAX = 1024
 
 _CODE = re.compile(r"^[245]\d\d$")
 _CODE_CLASS = re.compile(r"^[245]xx$", re.IGNORECASE)
@@ -56,6 +67,13 @@ class DeadLetter:
         subject: the message's subject, if known.
         history: one ``{"at": float, "error": str}`` per attempt.
         created_at: unix time it was dead-lettered; set by :meth:`DeadLetterStore.add`.
+        payload_bytes: size of the payload (``kwargs`` as UTF-8 JSON) when it was
+            dead-lettered; set by :meth:`DeadLetterStore.add`.
+        payload_dropped: why the store no longer holds the payload (over the per-record
+            cap, or evicted to stay within the store's byte budget); None while it does.
+        payload_complete: whether ``kwargs`` is the whole original payload. False when
+            it is only :func:`compact_summary` of it: records from
+            :meth:`DeadLetterStore.list`, and records whose payload was dropped.
     """
 
     id: str
@@ -73,6 +91,9 @@ class DeadLetter:
     subject: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = 0.0
+    payload_bytes: int = 0
+    payload_dropped: str | None = None
+    payload_complete: bool = True
 
     def to_json(self) -> str:
         """The record as one JSON object."""
@@ -130,16 +151,22 @@ class DeadLetter:
             ]
         if "raw_size" in payload:
             out["raw_size"] = payload["raw_size"]
+        out["payload_bytes"] = self.payload_bytes
+        out["payload_kept"] = self.payload_dropped is None
         return out
 
     def details(self) -> dict[str, Any]:
         """The whole record, JSON-safe, with the payload summarised (``dlq show --json``).
 
-        ``kwargs`` is replaced by :func:`payload_summary` of it, so no attachment bytes.
+        ``kwargs`` is replaced by :func:`payload_summary` of it, so no attachment bytes;
+        ``payload_kept`` says whether the store still holds the payload (see
+        ``payload_dropped`` for why not).
         """
         out = dataclasses.asdict(self)
+        del out["payload_complete"]
         out["kwargs"] = payload_summary(self.kwargs)
         out["code"] = self.code
+        out["payload_kept"] = self.payload_dropped is None
         return out
 
     def requeue_kwargs(self) -> dict[str, Any]:
@@ -149,7 +176,13 @@ class DeadLetter:
         :data:`KEPT_META` (``key``, ``message_id``, ``date``, ``recipients``, ``queue``), so the
         resent message keeps its Message-ID and idempotency key and goes only to the
         recipients that failed.
+
+        Raises:
+            PayloadNotKeptError: ``kwargs`` is only a summary of the payload (read it with
+                :meth:`DeadLetterStore.get`; if that has none either, it was dropped).
         """
+        if not self.payload_complete:
+            raise PayloadNotKeptError(self.id, self.payload_dropped)
         kwargs = {k: v for k, v in self.kwargs.items() if k != "_meta"}
         meta = self.kwargs.get("_meta")
         if isinstance(meta, dict):
@@ -159,12 +192,23 @@ class DeadLetter:
         return kwargs
 
 
+class PayloadNotKeptError(MailworkerError, LookupError):
+    """The dead letter's payload is not at hand, so it cannot be re-queued."""
+
+    def __init__(self, id: str, reason: str | None) -> None:
+        why = reason or "only its summary was read (read the record with get())"
+        super().__init__(f"dead letter {id}: the payload was not kept: {why}")
+        self.id = id
+        self.reason = reason
+
+
 def payload_summary(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with attachment contents and raw message bytes replaced by their sizes.
 
     Each ``attachments`` entry keeps ``filename``, ``mimetype`` and ``content_id`` and
     gets ``size`` (decoded bytes; None when the content is not valid base64);
     ``raw_b64`` becomes ``raw_size``. Malformed entries are described, never echoed.
+    A summary summarises to itself.
     """
     out = {k: v for k, v in kwargs.items() if k not in ("attachments", "raw_b64")}
     if "attachments" in kwargs:
@@ -184,8 +228,27 @@ def _attachment_summary(item: object) -> dict[str, Any]:
     for key in ("mimetype", "content_id"):
         if item.get(key) is not None:
             summary[key] = item[key]
-    summary["size"] = _b64_size(item.get("content"))
+    if "content" not in item and isinstance(item.get("size"), int):
+        summary["size"] = item["size"]  # already a summary
+    else:
+        summary["size"] = _b64_size(item.get("content"))
     return summary
+
+
+def compact_summary(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`payload_summary` of ``kwargs`` with every string cut to
+    :data:`SUMMARY_TEXT_MAX` characters: what a record keeps beside its payload."""
+    return {k: _cut_strings(v) for k, v in payload_summary(kwargs).items()}
+
+
+def _cut_strings(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > SUMMARY_TEXT_MAX:
+        return f"{value[:SUMMARY_TEXT_MAX]}… ({len(value)} characters)"
+    if isinstance(value, list):
+        return [_cut_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cut_strings(v) for k, v in value.items()}
+    return value
 
 
 def _b64_size(content: object) -> int | None:

@@ -6,13 +6,19 @@ killing its worker (``"poison"``). Each record keeps the original task kwargs, s
 can be re-queued as it was, together with the last error, the transcript of the last
 attempt and the attempt history.
 
-Layout (see :mod:`mailworker.store.keys`), as dramatiq keeps its dead letters:
+Layout (see :mod:`mailworker.store.keys`), as dramatiq keeps its dead letters, with the
+payload kept apart so that listing and counting never load it:
 
 - ``{prefix}dlq:index`` — sorted set, record id -> time it was added (unix seconds);
-- ``{prefix}dlq:record`` — hash, record id -> the record as JSON.
+- ``{prefix}dlq:record`` — hash, record id -> the record as JSON, its ``kwargs`` replaced
+  by a compact summary (attachments as name and size, long strings cut);
+- ``{prefix}dlq:payload`` — hash, record id -> the payload (the task ``kwargs``) as JSON;
+- ``{prefix}dlq:payload_index`` — sorted set, the ids in ``dlq:payload`` -> time added;
+- ``{prefix}dlq:bytes`` — the bytes ``dlq:record`` and ``dlq:payload`` hold together.
 
-Both are always changed together, in one ``MULTI`` transaction or one Lua script, so
-an id is in the index exactly when its record is in the hash.
+They are always changed together, in one Lua script, so an id is in the index exactly
+when its record is in the hash, its payload (if any) goes with it, and the byte count
+stays exact.
 
 Ids are time-based (milliseconds since the epoch in 12 hex digits, then 8 random hex
 digits; increasing within a process), so they sort by the time they were added, and
@@ -20,9 +26,19 @@ records added in the same millisecond list in a stable order.
 
 Retention: after every :meth:`DeadLetterStore.add` (and on :meth:`~DeadLetterStore.prune`)
 records older than ``ttl`` seconds are dropped, then the oldest records beyond
-``max_records`` — always oldest first. ``ttl=0`` or ``max_records=0`` switches that
-limit off. The worker reads both from ``MAILWORKER_DLQ_TTL`` (default 30 days) and
-``MAILWORKER_DLQ_MAX`` (default 100000).
+``max_records`` — always oldest first. Then, while the store holds more than
+``max_bytes``, the oldest *payloads* are evicted first, and only when no payload is left
+the oldest whole records: what failed, for whom, the server's reply and the transcript
+are worth more to an operator than the bytes to resend an old message, and they take a
+few KiB where a payload may take MiB. ``ttl=0``, ``max_records=0`` or ``max_bytes=0``
+switches that limit off. The worker reads them from ``MAILWORKER_DLQ_TTL`` (default 30
+days), ``MAILWORKER_DLQ_MAX`` (default 100000) and ``MAILWORKER_DLQ_MAX_BYTES`` (default
+256 MiB).
+
+A payload larger than ``max_payload_bytes`` (``MAILWORKER_DLQ_MAX_PAYLOAD_BYTES``, default
+34 MiB: the largest payload a message within the 25 MiB limit can have, base64 and all)
+or than the whole budget is not stored at all: the record keeps everything else, says
+why in ``payload_dropped``, and cannot be re-queued (:class:`PayloadNotKeptError`).
 
 The record type, :class:`DeadLetter`, and its summaries live in
 :mod:`mailworker.store._dlq_record` and are re-exported here.
@@ -32,6 +48,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import json
 import secrets
 import threading
 import time
@@ -41,51 +58,51 @@ from typing import Any, cast
 
 import redis
 
+from mailworker.message.payload import MAX_MESSAGE_BYTES
 from mailworker.store import keys
 from mailworker.store._dlq_record import (
     KEPT_META,
     REASONS,
     DeadLetter,
     DeadLetterReason,
+    PayloadNotKeptError,
     code_matcher,
+    compact_summary,
     payload_summary,
 )
+from mailworker.store._dlq_scripts import ADD, PRUNE, REMOVE
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "EVICTED",
     "KEPT_META",
     "REASONS",
     "DeadLetter",
     "DeadLetterReason",
     "DeadLetterStore",
+    "PayloadNotKeptError",
     "code_matcher",
+    "compact_summary",
     "payload_summary",
 ]
 
+_MIB = 1024 * 1024
+
+#: Default byte budget of the whole store: a quarter of a 1 GiB Redis, room for seven
+#: payloads at the per-record cap or some 100,000 records of a few KiB.
+DEFAULT_MAX_BYTES = 256 * _MIB
+
+#: Default cap of one record's payload: a message within ``MAX_MESSAGE_BYTES`` (25 MiB)
+#: travels base64-encoded (33.3 MiB), so 34 MiB keeps every payload that could be
+#: re-sent, and drops those refused for their size, which re-sending would not help.
+DEFAULT_MAX_PAYLOAD_BYTES = (MAX_MESSAGE_BYTES * 4 // 3 // _MIB + 1) * _MIB
+
+#: ``payload_dropped`` of a record whose payload was evicted for the byte budget.
+EVICTED = "evicted, oldest first, to keep the dead letters within MAILWORKER_DLQ_MAX_BYTES"
+
 #: Records read or removed per Redis round trip.
 _BATCH = 500
-
-# Drop up to ARGV[3] records older than ARGV[1]; with room left in that batch, also the
-# oldest beyond ARGV[2] records (0: no limit). Returns how many were dropped; the caller
-# repeats while a full batch went, so a large expired backlog never blocks Redis long.
-_PRUNE = """
-local batch = tonumber(ARGV[3])
-local max = tonumber(ARGV[2])
-local function drop(ids)
-    if #ids > 0 then
-        redis.call('ZREM', KEYS[1], unpack(ids))
-        redis.call('HDEL', KEYS[2], unpack(ids))
-    end
-    return #ids
-end
-local n = drop(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, batch))
-if n < batch and max > 0 then
-    local excess = redis.call('ZCARD', KEYS[1]) - max
-    if excess > 0 then
-        n = n + drop(redis.call('ZRANGE', KEYS[1], 0, math.min(excess, batch - n) - 1))
-    end
-end
-return n
-"""
 
 
 def _text(value: bytes | str) -> str:
@@ -99,11 +116,14 @@ class DeadLetterStore:
         redis: the client; ``decode_responses`` may be on or off.
         max_records: keep at most this many records (0: no limit).
         ttl: drop records older than this many seconds (0: no limit).
+        max_bytes: keep at most this many bytes of records and payloads together,
+            evicting the oldest payloads first (0: no limit).
+        max_payload_bytes: keep no payload larger than this (0: no limit).
         prefix: key prefix (see :mod:`mailworker.store.keys`).
         clock: the time source, unix seconds (tests pass a fake one).
 
     Raises:
-        ValueError: ``max_records`` or ``ttl`` is negative.
+        ValueError: a limit is negative.
     """
 
     def __init__(
@@ -112,20 +132,39 @@ class DeadLetterStore:
         *,
         max_records: int = 100_000,
         ttl: float = 30 * 86400,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         prefix: str = keys.PREFIX,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_records < 0:
-            raise ValueError(f"max_records={max_records}: must not be negative")
-        if ttl < 0:
-            raise ValueError(f"ttl={ttl}: must not be negative")
+        limits = {
+            "max_records": max_records,
+            "ttl": ttl,
+            "max_bytes": max_bytes,
+            "max_payload_bytes": max_payload_bytes,
+        }
+        for name, value in limits.items():
+            if value < 0:
+                raise ValueError(f"{name}={value}: must not be negative")
         self.redis = redis
         self.max_records = max_records
         self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.max_payload_bytes = max_payload_bytes
         self._clock = clock
         self._index = keys.dlq_index(prefix)
         self._records = keys.dlq_record(prefix)
-        self._prune = redis.register_script(_PRUNE)
+        self._payloads = keys.dlq_payload(prefix)
+        self._keys = [
+            self._index,
+            self._records,
+            self._payloads,
+            keys.dlq_payload_index(prefix),
+            keys.dlq_bytes(prefix),
+        ]
+        self._add = redis.register_script(ADD)
+        self._remove = redis.register_script(REMOVE)
+        self._prune = redis.register_script(PRUNE)
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> DeadLetterStore:
@@ -135,25 +174,69 @@ class DeadLetterStore:
     def add(self, record: DeadLetter) -> str:
         """Store ``record`` under a new id (its ``id`` and ``created_at`` are replaced).
 
-        Index and record are written in one transaction; then the store is pruned.
+        The payload (``record.kwargs``) is stored apart from the rest, unless it is larger
+        than ``max_payload_bytes`` or ``max_bytes``: then the record says why in
+        ``payload_dropped``. Everything is written in one script; then the store is
+        pruned (which may evict older payloads to stay within ``max_bytes``).
 
         Returns:
             The new record's id.
         """
         now = self._clock()
         id_ = _new_id(now)
-        stored = dataclasses.replace(record, id=id_, created_at=now)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zadd(self._index, {id_: now})
-        pipe.hset(self._records, id_, stored.to_json())
-        pipe.execute()
+        payload = json.dumps(record.kwargs, ensure_ascii=False, separators=(",", ":"))
+        if record.payload_complete:
+            size = len(payload.encode())
+            dropped = self._not_kept(size)
+        else:  # a record read without its payload: there is none to keep
+            size = record.payload_bytes
+            dropped = record.payload_dropped or "the record was stored again without it"
+        stored = dataclasses.replace(
+            record,
+            id=id_,
+            created_at=now,
+            kwargs=compact_summary(record.kwargs),
+            payload_bytes=size,
+            payload_dropped=dropped,
+            payload_complete=False,
+        )
+        self._add(
+            keys=self._keys,
+            args=[id_, repr(now), stored.to_json(), "" if stored.payload_dropped else payload],
+        )
         self.prune()
         return id_
 
+    def _not_kept(self, size: int) -> str | None:
+        """Why a payload of ``size`` bytes is not kept, or None if it is."""
+        for limit, name in (
+            (self.max_payload_bytes, "the per-record cap, MAILWORKER_DLQ_MAX_PAYLOAD_BYTES"),
+            (self.max_bytes, "the whole store's budget, MAILWORKER_DLQ_MAX_BYTES"),
+        ):
+            if limit and size > limit:
+                return f"at {_size(size)} it was over {name} ({_size(limit)})"
+        return None
+
     def get(self, id: str) -> DeadLetter | None:
-        """The record ``id``, or None if there is none."""
-        raw = self.redis.hget(self._records, id)
-        return None if raw is None else _decode(id, raw)
+        """The record ``id`` with its payload, or None if there is none.
+
+        If the payload is no longer kept, ``kwargs`` is its summary, ``payload_complete``
+        is False and ``payload_dropped`` says why.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self._records, id)
+        pipe.hget(self._payloads, id)
+        raw, payload = cast("list[bytes | str | None]", pipe.execute())
+        if raw is None:
+            return None
+        record = _decode(id, raw)
+        if payload is not None:
+            return dataclasses.replace(
+                record, kwargs=_decode_payload(id, payload), payload_complete=True
+            )
+        if record.payload_complete:  # written before payloads were kept apart
+            return record
+        return dataclasses.replace(record, payload_dropped=record.payload_dropped or EVICTED)
 
     def ids(
         self,
@@ -190,7 +273,11 @@ class DeadLetterStore:
         older_than: float | None = None,
         limit: int | None = None,
     ) -> list[DeadLetter]:
-        """The matching records, newest first.
+        """The matching records, newest first, without their payloads.
+
+        Each record's ``kwargs`` is a summary of its payload (``payload_complete`` is
+        False; read one with :meth:`get` to re-queue it by hand); ``payload_dropped`` says
+        whether and why the store no longer holds the payload.
 
         Args:
             reason: only this reason.
@@ -220,20 +307,19 @@ class DeadLetterStore:
         return int(self.redis.zcard(self._index))
 
     def remove(self, ids: Iterable[str]) -> int:
-        """Delete the records ``ids`` (index entry and record together, per id).
+        """Delete the records ``ids`` (index entry, record and payload together, per id).
 
         Returns:
             How many of them existed.
         """
         removed = 0
         for chunk in _chunks(ids):
-            pipe = self.redis.pipeline(transaction=True)
-            for id_ in chunk:
-                pipe.zrem(self._index, id_)
-                pipe.hdel(self._records, id_)
-            results = pipe.execute()
-            removed += sum(1 for z, h in zip(results[::2], results[1::2], strict=True) if z or h)
+            removed += int(cast(int, self._remove(keys=self._keys, args=chunk)))
         return removed
+
+    def size(self) -> int:
+        """How many bytes the records and payloads take (what ``max_bytes`` limits)."""
+        return int(self.redis.get(self._keys[4]) or 0)
 
     def requeue(self, id: str, publish: Callable[[str, dict[str, Any]], str]) -> str | None:
         """Send the record ``id`` again and remove it once that succeeded.
@@ -245,6 +331,11 @@ class DeadLetterStore:
 
         Returns:
             The new task id, or None if there is no record ``id``.
+
+        Raises:
+            PayloadNotKeptError: the store no longer holds the record's payload (it was
+                over the per-record cap or evicted for the byte budget); nothing is
+                published and the record stays.
         """
         record = self.get(id)
         if record is None:
@@ -285,31 +376,31 @@ class DeadLetterStore:
         return self.remove(ids)
 
     def prune(self) -> int:
-        """Drop records older than ``ttl``, then the oldest beyond ``max_records``.
+        """Drop records older than ``ttl``, then the oldest beyond ``max_records``; then,
+        while over ``max_bytes``, evict the oldest payloads, then the oldest records.
 
         Returns:
-            How many records were dropped.
+            How many records were dropped (evicted payloads not counted).
         """
         cutoff = self._clock() - self.ttl if self.ttl else float("-inf")
         dropped = 0
         while True:
-            n = int(
-                cast(
-                    int,
-                    self._prune(
-                        keys=[self._index, self._records],
-                        args=[repr(cutoff), self.max_records, _BATCH],
-                    ),
-                )
+            n, work = cast(
+                "list[int]",
+                self._prune(
+                    keys=self._keys,
+                    args=[repr(cutoff), self.max_records, _BATCH, self.max_bytes],
+                ),
             )
-            dropped += n
-            if n < _BATCH:
+            dropped += int(n)
+            if int(work) < _BATCH:
                 return dropped
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Record counts by ``reason``, ``code`` (``"none"`` without one) and ``profile``."""
         by: dict[str, Counter[str]] = {"reason": Counter(), "code": Counter(), "profile": Counter()}
-        for record in self._records_for(self._index_ids(None, None, None)):
+        ids = self._index_ids(None, None, None)
+        for record in self._records_for(ids, payload_state=False):
             by["reason"][record.reason] += 1
             by["code"][str(record.code) if record.code is not None else "none"] += 1
             by["profile"][record.profile] += 1
@@ -344,7 +435,8 @@ class DeadLetterStore:
         if reason is not None:
             tests.append(lambda r: r.reason == reason)
         if profile is not None:
-            tests.append(lambda r: r.profile == profile)
+            wanted = profile.lower()
+            tests.append(lambda r: r.profile.lower() == wanted)
         if limit is not None and limit <= 0:
             return
         # A snapshot of the ids first, so paging is not disturbed by concurrent changes.
@@ -357,13 +449,27 @@ class DeadLetterStore:
                 if limit is not None and found >= limit:
                     return
 
-    def _records_for(self, ids: builtins.list[str]) -> Iterator[DeadLetter]:
-        """The records of ``ids`` in that order; ids removed meanwhile are skipped."""
+    def _records_for(
+        self, ids: builtins.list[str], *, payload_state: bool = True
+    ) -> Iterator[DeadLetter]:
+        """The records of ``ids`` in that order, without payloads; ids removed meanwhile
+        are skipped. With ``payload_state``, ``payload_dropped`` tells evicted payloads
+        too (asking whether each is kept, not loading it)."""
         for chunk in _chunks(ids):
-            raws = cast("list[bytes | None]", self.redis.hmget(self._records, chunk))
-            for id_, raw in zip(chunk, raws, strict=True):
-                if raw is not None:
-                    yield _decode(id_, raw)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(self._records, chunk)
+            if payload_state:
+                for id_ in chunk:
+                    pipe.zscore(self._keys[3], id_)
+            raws, *scores = pipe.execute()
+            kept = scores or [True] * len(chunk)
+            for id_, raw, score in zip(chunk, raws, kept, strict=True):
+                if raw is None:
+                    continue
+                record = _decode(id_, raw)
+                if score is None and not record.payload_complete and not record.payload_dropped:
+                    record = dataclasses.replace(record, payload_dropped=EVICTED)
+                yield record
 
 
 _last_id = 0
@@ -384,6 +490,20 @@ def _decode(id_: str, raw: bytes | str) -> DeadLetter:
         return DeadLetter.from_json(raw)
     except ValueError as exc:
         raise ValueError(f"dead-letter record {id_} is unreadable: {exc}") from None
+
+
+def _decode_payload(id_: str, raw: bytes | str) -> dict[str, Any]:
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"dead-letter payload {id_} is unreadable: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"dead-letter payload {id_} is unreadable: not a JSON object")
+    return payload
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < _MIB else f"{n / _MIB:.1f} MiB"
 
 
 def _chunks(items: Iterable[str]) -> Iterator[list[str]]:

@@ -15,11 +15,19 @@ key                            type    holds
 ``{p}retry:due``               zset    scheduled retry id -> due time (unix seconds)
 ``{p}retry:task``              hash    scheduled retry id -> JSON ``{"task", "kwargs"}``
 ``{p}dlq:index``               zset    dead-letter id -> time it was added
-``{p}dlq:record``              hash    dead-letter id -> JSON record
+``{p}dlq:record``              hash    dead-letter id -> JSON record without its payload
+                                       (a summary of it instead)
+``{p}dlq:payload``             hash    dead-letter id -> JSON payload (the task kwargs);
+                                       absent when it was over the per-record cap or
+                                       evicted for the byte budget
+``{p}dlq:payload_index``       zset    dead-letter id -> time added, for the ids in
+                                       ``dlq:payload`` (eviction order)
+``{p}dlq:bytes``               string  bytes held by ``dlq:record`` + ``dlq:payload``
 =============================  ======  =================================================
 
-The dead-letter store is pruned oldest first to ``MAILWORKER_DLQ_MAX`` records and
-``MAILWORKER_DLQ_TTL`` seconds (as dramatiq's dead-letter sorted set + hash).
+The dead-letter store is pruned oldest first to ``MAILWORKER_DLQ_MAX`` records,
+``MAILWORKER_DLQ_TTL`` seconds (as dramatiq's dead-letter sorted set + hash) and
+``MAILWORKER_DLQ_MAX_BYTES`` bytes (see :mod:`mailworker.store.deadletter`).
 """
 
 from __future__ import annotations
@@ -59,5 +67,20 @@ def dlq_index(prefix: str = PREFIX) -> str:
 
 
 def dlq_record(prefix: str = PREFIX) -> str:
-    """Hash of dead-letter records (JSON)."""
+    """Hash of dead-letter records without their payloads (JSON)."""
     return f"{prefix}dlq:record"
+
+
+def dlq_payload(prefix: str = PREFIX) -> str:
+    """Hash of dead-letter payloads (JSON task kwargs)."""
+    return f"{prefix}dlq:payload"
+
+
+def dlq_payload_index(prefix: str = PREFIX) -> str:
+    """Sorted set of the dead-letter ids whose payload is kept, by time added."""
+    return f"{prefix}dlq:payload_index"
+
+
+def dlq_bytes(prefix: str = PREFIX) -> str:
+    """Bytes the dead-letter records and payloads take, kept up to date by the store."""
+    return f"{prefix}dlq:bytes"

@@ -6,11 +6,12 @@ policy — poison guard, lock, idempotency, in-process and delayed retries,
 dead-lettering, logging — testable with a real Redis and a real SMTP server but
 no worker.
 
-Task arguments carry a private ``_meta`` dict across delayed retries:
-``key`` (the message's idempotency key), ``message_id`` and ``date`` (so every
-attempt sends the same message), ``recipients`` (when only some recipients are
-retried), ``first_attempt_at``, ``attempts`` (SMTP attempts so far), ``retries``
-(delayed retries so far) and ``history``.
+Task arguments carry a private ``_meta`` dict across delayed retries
+(:class:`~mailworker.worker.outcome.Meta`): ``key`` (the message's idempotency key),
+``message_id`` and ``date`` (so every attempt sends the same message), ``recipients``
+(when only some recipients are retried), ``first_attempt_at``, ``attempts`` (SMTP
+attempts so far), ``retries`` (delayed retries so far) and ``history``. The task
+result is a :data:`~mailworker.worker.outcome.TaskResult`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import redis
 import structlog
@@ -32,10 +33,12 @@ from mailworker.errors import (
     SMTPRecipientsRefused,
 )
 from mailworker.smtp import SendResult
-from mailworker.store.deadletter import DeadLetter, DeadLetterStore
+from mailworker.store.deadletter import DeadLetter, DeadLetterReason, DeadLetterStore
 from mailworker.store.ledger import Ledger
 from mailworker.store.schedule import RetrySchedule
-from mailworker.worker.prepare import Prepared, prepare
+from mailworker.worker import outcome
+from mailworker.worker.outcome import Meta, SentResult, TaskResult
+from mailworker.worker.prepare import Prepared, prepare, profile_of
 from mailworker.worker.retry import RetryPolicy
 from mailworker.worker.sessions import SessionPool
 from mailworker.worker.settings import Settings
@@ -61,7 +64,7 @@ class Delivery:
         self.pool = pool
         self.ledger = Ledger(redis_client)
         self.schedule = RetrySchedule(redis_client)
-        self.dlq = DeadLetterStore(redis_client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
+        self.dlq = DeadLetterStore(redis_client, **settings.dlq_limits)
         self.policy = RetryPolicy.from_settings(settings)
         self._clock = clock
 
@@ -74,7 +77,7 @@ class Delivery:
         queue: str | None = None,
         exchange: str | None = None,
         time_limit: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> TaskResult:
         """Deliver (or defer, or dead-letter) one message; returns the task result.
 
         Args:
@@ -94,14 +97,8 @@ class Delivery:
                 caller hands the task message back to the broker).
         """
         started = self._clock()
-        meta = dict(kwargs.get("_meta") or {})
-        key = meta.setdefault("key", kwargs.get("idempotency_key") or task_id)
-        meta.setdefault("first_attempt_at", started)
-        meta.setdefault("origin", task_id)
-        if queue:
-            meta.setdefault("queue", queue)
-            if exchange:
-                meta.setdefault("exchange", exchange)
+        meta = _meta(kwargs, task_id, started, queue=queue, exchange=exchange)
+        key = meta["key"]
         limit = time_limit or self.settings.task_time_limit
         attempt = _Attempt(
             self,
@@ -113,7 +110,7 @@ class Delivery:
             time_limit=limit,
         )
         origin = meta["origin"]
-        done = self.ledger.sent(key)
+        done = _sent_record(self.ledger, key)
         if done is not None and _follow_up_done(done):
             # Before the poison guard: a sent message is never poison.
             return attempt.already_sent(done)
@@ -121,19 +118,19 @@ class Delivery:
         if started > too_old + limit:
             # Whatever kept it going (redeliveries, lock deferrals), it is too old now
             # (the last scheduled retry runs at the maximum age, maybe a little late).
-            attempt.dead_letter("exhausted", {"type": "MaxAge", "message": "past the maximum age"})
+            attempt.give_up("exhausted", {"type": "MaxAge", "message": "past the maximum age"})
         # Starts are counted per message (its first task id), not per task message: a
         # run killed by the hard time limit comes back as a lock deferral with
         # another task id, and must still count.
         starts = self.ledger.count_start(origin, ttl=self.settings.max_age + 86400)
         if starts > 1 + self.settings.max_redeliveries:
             error = {"type": "Poison", "message": f"started {starts} times without finishing"}
-            attempt.dead_letter("poison", error)
+            attempt.give_up("poison", error)
         token = self.ledger.acquire(key, ttl=attempt.lock_ttl)
         if token is None:
             return attempt.defer_locked()
         try:
-            done = self.ledger.sent(key)
+            done = _sent_record(self.ledger, key)
             if done is not None:
                 return attempt.already_sent(done)
             return attempt.deliver()
@@ -150,7 +147,34 @@ class Delivery:
                 self.ledger.forget_starts(origin)
 
 
-def _follow_up_done(record: dict[str, Any]) -> bool:
+def _meta(
+    kwargs: dict[str, Any],
+    task_id: str,
+    started: float,
+    *,
+    queue: str | None,
+    exchange: str | None,
+) -> Meta:
+    """The task's ``_meta``, started on its first run."""
+    # JSON from the broker: the keys read below are the ones this module wrote.
+    meta = cast("Meta", dict(kwargs.get("_meta") or {}))
+    meta.setdefault("key", kwargs.get("idempotency_key") or task_id)
+    meta.setdefault("first_attempt_at", started)
+    meta.setdefault("origin", task_id)
+    if queue:
+        meta.setdefault("queue", queue)
+        if exchange:
+            meta.setdefault("exchange", exchange)
+    return meta
+
+
+def _sent_record(ledger: Ledger, key: str) -> SentResult | None:
+    """The result recorded when the server accepted the message, if it did."""
+    # Written by _Attempt.record_sent and _Attempt.follow_up only.
+    return cast("SentResult | None", ledger.sent(key))
+
+
+def _follow_up_done(record: SentResult) -> bool:
     return not record.get("refused") or bool(record.get("follow_up_done"))
 
 
@@ -164,7 +188,7 @@ class _Attempt:
         task: str,
         task_id: str,
         kwargs: dict[str, Any],
-        meta: dict[str, Any],
+        meta: Meta,
         started: float,
         time_limit: float,
     ) -> None:
@@ -174,11 +198,11 @@ class _Attempt:
         self.kwargs = kwargs
         self.meta = meta
         self.started = started
-        self.profile = str(kwargs.get("profile") or "default")
+        self.profile = profile_of(kwargs)
         self.attempts = int(meta.get("attempts", 0))
         self.transcript: list[str] = []
         self.summary: dict[str, Any] = {}
-        self.message_id: str | None = meta.get("message_id")
+        self.message_id = meta.get("message_id")
         #: The server's verdict once it accepted the message (nothing may resend it).
         self.result: SendResult | None = None
         self.log = log.bind(task_id=task_id, message_key=meta["key"], profile=self.profile)
@@ -190,13 +214,8 @@ class _Attempt:
 
     # -- the happy path ----------------------------------------------------------
 
-    def deliver(self) -> dict[str, Any]:
-        try:
-            prepared = self.prepare()
-        except (InvalidMessageError, ConfigError) as exc:
-            field = exc.field if isinstance(exc, InvalidMessageError) else "profile"
-            error = {"type": type(exc).__name__, "message": str(exc), "field": field}
-            self.dead_letter("invalid", error)
+    def deliver(self) -> TaskResult:
+        prepared = self.prepare()
         self.message_id = prepared.message_id
         self.summary = prepared.summary
         retrying = self.d.policy.retrying(
@@ -215,7 +234,7 @@ class _Attempt:
                     )
         except SMTPError as exc:
             self.transcript = exc.transcript
-            return self.failed(exc, prepared)
+            return self.failed(exc)
         except self.d.interrupts as exc:
             # Cut off mid-exchange: the server's late reply would answer the next
             # message's command, so the session goes without QUIT; the message waits
@@ -246,20 +265,21 @@ class _Attempt:
             raise  # redelivered; already_sent() does the follow-up again
         return record
 
-    def already_sent(self, done: dict[str, Any]) -> dict[str, Any]:
+    def already_sent(self, done: SentResult) -> SentResult:
         """The message was accepted before (a redelivery): finish its follow-up if a
         failure interrupted it, send nothing."""
         self.message_id = done.get("message_id")
         # The follow-up's retry must send the same message: same Message-ID and Date.
-        for name in ("message_id", "date"):
-            if done.get(name):
-                self.meta.setdefault(name, done[name])
+        if message_id := done.get("message_id"):
+            self.meta.setdefault("message_id", message_id)
+        if date := done.get("date"):
+            self.meta.setdefault("date", date)
         self.attempts = max(self.attempts, int(done.get("attempts") or 0))
         self.log.info("mail.duplicate_skipped", message_id=self.message_id)
         self.follow_up(done)
         return {**done, "duplicate": True}
 
-    def unexpected(self, exc: Exception) -> dict[str, Any]:
+    def unexpected(self, exc: Exception) -> TaskResult:
         """A failure outside the SMTP exchange: drop the session (its state is
         unknown) and retry later — unless the server had already accepted the
         message, which must not be sent again."""
@@ -271,45 +291,43 @@ class _Attempt:
                 error=f"{type(exc).__name__} after the server accepted the message",
                 accepted=self.result.accepted,
             )
-            return {
-                "status": "sent",
-                "message_id": self.message_id,
-                "accepted": self.result.accepted,
-                "refused": {r: o.to_dict() for r, o in self.result.refused.items()},
-                "reply": str(self.result.reply),
-                "attempts": self.attempts,
-                "idempotency_recorded": False,
-            }
+            record = self.sent(self.result)
+            record["idempotency_recorded"] = False
+            return record
         error = {"type": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}"[:500]}
         return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
 
     def prepare(self) -> Prepared:
-        """Validate and build the message (the profile is checked too, before any I/O)."""
-        return prepare(
-            self.task,
-            self.kwargs,
-            self.meta,
-            default_from=self.d.settings.default_from,
-            check_profile=self.d.pool.get,
+        """Validate and build the message (the profile is checked too, before any I/O);
+        an invalid one is dead-lettered at once."""
+        try:
+            return prepare(
+                self.task,
+                self.kwargs,
+                self.meta,
+                default_from=self.d.settings.default_from,
+                check_profile=self.d.pool.get,
+            )
+        except (InvalidMessageError, ConfigError) as exc:
+            field = exc.field if isinstance(exc, InvalidMessageError) else "profile"
+            self.give_up(
+                "invalid", {"type": type(exc).__name__, "message": str(exc), "field": field}
+            )
+
+    def sent(self, result: SendResult) -> SentResult:
+        """The result for the server's acceptance of this message."""
+        return outcome.sent(
+            result, message_id=self.message_id, attempts=self.attempts, date=self.meta.get("date")
         )
 
-    def record_sent(self, result: SendResult) -> dict[str, Any]:
+    def record_sent(self, result: SendResult) -> SentResult:
         """Remember the acceptance at once. A Redis failure here must not send the
         message again, so it is retried briefly, then logged, never raised."""
-        record: dict[str, Any] = {
-            "status": "sent",
-            "message_id": self.message_id,
-            "accepted": result.accepted,
-            "refused": {r: outcome.to_dict() for r, outcome in result.refused.items()},
-            "reply": str(result.reply),
-            "queue_id": result.queue_id,
-            "attempts": self.attempts,
-            "date": self.meta.get("date"),
-        }
+        record = self.sent(result)
         ttl = self.d.settings.max_age + 86400
         for pause in (0.1, 0.5, 0):
             try:
-                self.d.ledger.record_sent(self.meta["key"], record, ttl=ttl)
+                self.d.ledger.record_sent(self.meta["key"], dict(record), ttl=ttl)
                 return record
             except redis.RedisError as exc:
                 failure = exc
@@ -320,10 +338,10 @@ class _Attempt:
 
     # -- partial and failed deliveries ------------------------------------------------
 
-    def follow_up(self, record: dict[str, Any]) -> None:
+    def follow_up(self, record: SentResult) -> None:
         """Retry the deferred recipients alone and dead-letter the rejected ones, then
         mark the sent record done, so a redelivery knows whether to do it again."""
-        refused: dict[str, dict[str, Any]] = record.get("refused") or {}
+        refused = record.get("refused") or {}
         if not refused or record.get("follow_up_done"):
             return
         deferred = [r for r, o in refused.items() if o["status"] == "deferred"]
@@ -349,28 +367,30 @@ class _Attempt:
                 "stage": "rcpt",
                 "message": "; ".join(f"{r}: {o['code']} {o['reply']}" for r, o in rejected.items()),
             }
-            self.dead_letter("permanent", error, subset=list(rejected), raise_=False)
+            self.dead_letter("permanent", error, subset=list(rejected))
         record["follow_up_done"] = True
         if record.get("idempotency_recorded") is not False:
-            self.d.ledger.record_sent(self.meta["key"], record, ttl=self.d.settings.max_age + 86400)
+            self.d.ledger.record_sent(
+                self.meta["key"], dict(record), ttl=self.d.settings.max_age + 86400
+            )
 
-    def failed(self, exc: SMTPError, prepared: Prepared) -> dict[str, Any]:
+    def failed(self, exc: SMTPError) -> TaskResult:
         error = exc.to_dict()
         if isinstance(exc, SMTPRecipientsRefused):
             deferred = [r for r, (code, _, _) in exc.refused.items() if 400 <= code < 500]
             rejected = [r for r in exc.refused if r not in deferred]
             if rejected and deferred:
-                self.dead_letter("permanent", error, subset=rejected, raise_=False)
+                self.dead_letter("permanent", error, subset=rejected)
             if deferred:
                 return self.schedule_retry(error, recipients=deferred, whole=not rejected)
-            self.dead_letter("permanent", error)
+            self.give_up("permanent", error)
         if not exc.is_transient:
-            self.dead_letter("permanent", error)
+            self.give_up("permanent", error)
         return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
 
     def schedule_retry(
         self, error: dict[str, Any], *, recipients: list[str] | None, whole: bool
-    ) -> dict[str, Any]:
+    ) -> TaskResult:
         """Schedule a delayed retry, or dead-letter as exhausted past the maximum age.
 
         ``whole``: the task's message failed as a whole (an exhausted one raises).
@@ -380,9 +400,16 @@ class _Attempt:
         due = self.d.policy.due(retries, float(self.meta["first_attempt_at"]), now)
         meta = self._next_meta(error, recipients)
         if due is None:
-            subset = None if whole else recipients
-            self.dead_letter("exhausted", error, subset=subset, raise_=whole)
-            return {"status": "dead_lettered", "reason": "exhausted", "recipients": recipients}
+            if whole:
+                self.give_up("exhausted", error)
+            self.dead_letter("exhausted", error, subset=recipients)
+            return outcome.dead_lettered(
+                message_id=self.message_id,
+                attempts=self.attempts,
+                error=error,
+                reply=_reply_line(error),
+                recipients=recipients,
+            )
         meta["retries"] = retries
         kwargs = {**self.kwargs, "_meta": meta}
         # Derived, not random: a follow-up or retry scheduled twice (a redelivery
@@ -398,17 +425,18 @@ class _Attempt:
             retry_task_id=retry_id,
             recipients=recipients,
         )
-        return {
-            "status": "deferred",
-            "message_id": self.message_id,
-            "retry_at": due,
-            "retry_task_id": retry_id,
-            "attempts": self.attempts,
-            "error": error,
-        }
+        return outcome.deferred(
+            message_id=self.message_id,
+            attempts=self.attempts,
+            retry_at=due,
+            retry_task_id=retry_id,
+            error=error,
+            reply=_reply_line(error),
+            recipients=recipients,
+        )
 
-    def _next_meta(self, error: dict[str, Any], recipients: list[str] | None) -> dict[str, Any]:
-        meta = {**self.meta, "attempts": self.attempts}
+    def _next_meta(self, error: dict[str, Any], recipients: list[str] | None) -> Meta:
+        meta: Meta = {**self.meta, "attempts": self.attempts}
         meta["history"] = [
             *meta.get("history", []),
             {"at": self.d._clock(), "error": error.get("message")},
@@ -420,7 +448,7 @@ class _Attempt:
             meta["recipients"] = recipients
         return meta
 
-    def defer_locked(self) -> dict[str, Any]:
+    def defer_locked(self) -> TaskResult:
         """Another delivery of this message is running now (a redelivery overtook it):
         look again once its lock has expired, rather than run beside it."""
         due = self.d._clock() + self.lock_ttl
@@ -434,27 +462,37 @@ class _Attempt:
             retry_at=due,
             retry_task_id=retry_id,
         )
-        return {"status": "deferred", "reason": "locked", "retry_task_id": retry_id}
+        return outcome.locked(
+            message_id=self.message_id,
+            attempts=self.attempts,
+            retry_at=due,
+            retry_task_id=retry_id,
+        )
 
-    def dead_letter(
-        self,
-        reason: str,
-        error: dict[str, Any],
-        *,
-        subset: list[str] | None = None,
-        raise_: bool = True,
-    ) -> str:
-        """Store the message (or the ``subset`` of its recipients) as dead.
+    # -- dead letters -----------------------------------------------------------------
+
+    def give_up(self, reason: DeadLetterReason, error: dict[str, Any]) -> NoReturn:
+        """Dead-letter the task's whole message and end the task.
 
         Raises:
-            DeadLetteredError: when ``raise_`` (the task's message failed as a whole).
+            DeadLetteredError: always, naming the dead-letter record.
         """
+        dlq_id = self.dead_letter(reason, error)
+        raise DeadLetteredError(
+            f"message dead-lettered ({reason}): {error.get('message')} [dlq id {dlq_id}]"
+        )
+
+    def dead_letter(
+        self, reason: DeadLetterReason, error: dict[str, Any], *, subset: list[str] | None = None
+    ) -> str:
+        """Store the message (or the ``subset`` of its recipients) as dead; returns the
+        record's id. The task goes on: :meth:`give_up` ends it."""
         now = self.d._clock()
         meta = self._next_meta(error, subset)
         recipients = subset or meta.get("recipients") or self.summary.get("recipients")
         record = DeadLetter(
             id="",
-            reason=reason,  # type: ignore[arg-type]
+            reason=reason,
             task=self.task,
             kwargs={**self.kwargs, "_meta": meta},
             error=error,
@@ -477,10 +515,6 @@ class _Attempt:
             error=error.get("message"),
             recipients=record.recipients,
         )
-        if raise_:
-            raise DeadLetteredError(
-                f"message dead-lettered ({reason}): {error.get('message')} [dlq id {dlq_id}]"
-            )
         return dlq_id
 
     def event(self, *, reply: str | None) -> dict[str, Any]:

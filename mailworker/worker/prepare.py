@@ -10,6 +10,8 @@ from typing import Any
 
 from mailworker.message import MailPayload, RawPayload, build_message, message_bytes
 from mailworker.queue.names import SEND_MESSAGE
+from mailworker.smtp.profile import normalize_profile_name
+from mailworker.worker.outcome import Meta
 
 #: Arguments that steer delivery rather than describe the message.
 _CONTROL = ("profile", "idempotency_key", "_meta")
@@ -24,13 +26,15 @@ class Prepared:
     data: bytes
     message_id: str | None
     date: str | None
+    #: For logs and dead-letter records: ``recipients``, ``subject`` and more, read
+    #: without parsing a prebuilt message's body.
     summary: dict[str, Any]
 
 
 def prepare(
     task: str,
     kwargs: dict[str, Any],
-    meta: dict[str, Any],
+    meta: Meta,
     *,
     default_from: str | None,
     check_profile: Callable[[str], object],
@@ -44,7 +48,7 @@ def prepare(
     """
     fields = {k: v for k, v in kwargs.items() if k not in _CONTROL}
     override = meta.get("recipients")
-    profile = str(kwargs.get("profile") or "default")
+    profile = profile_of(kwargs)
     if task == SEND_MESSAGE:
         raw = RawPayload.from_task_kwargs(fields)
         check_profile(profile)
@@ -77,6 +81,11 @@ def prepare(
         meta["date"],
         payload.summary(),
     )
+
+
+def profile_of(kwargs: dict[str, Any]) -> str:
+    """The task's profile name, normalised (a malformed one fails validation, by name)."""
+    return normalize_profile_name(str(kwargs.get("profile") or ""))
 
 
 def _message_id(key: str, origin: str, sender: str) -> str:

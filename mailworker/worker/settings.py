@@ -1,22 +1,31 @@
 """Worker settings from the environment (12-factor), validated once.
 
-=================================  ==========================================
-``MAILWORKER_BROKER_URL``          Celery broker (default ``redis://localhost:6379/0``)
-``MAILWORKER_REDIS_URL``           dead letters, retries, idempotency (default: broker)
-``MAILWORKER_DEFAULT_FROM``        ``from_email`` when a task gives none
-``MAILWORKER_RETRY_DELAYS``        seconds between delayed retries, last repeats
-                                   (default ``60,300,900,3600,14400``)
-``MAILWORKER_RETRY_JITTER``        each delay varies by up to this fraction (default 0.1), so
-                                   messages deferred together do not return together
-``MAILWORKER_MAX_AGE``             give up this many seconds after the first attempt
-                                   (default 86400)
-``MAILWORKER_VISIBILITY_TIMEOUT``  Redis broker redelivery timeout (default 600)
-``MAILWORKER_TASK_TIME_LIMIT``     hard limit per task (default: 2/5 of the above)
-``MAILWORKER_MAX_REDELIVERIES``    worker-lost redeliveries before "poison" (default 3)
-``MAILWORKER_DLQ_MAX``             dead-letter records kept (default 100000)
-``MAILWORKER_DLQ_TTL``             seconds a dead-letter record is kept (default 30 days)
-``MAILWORKER_LOG_FORMAT``          ``json`` or ``console`` (default: console on a TTY)
-=================================  ==========================================
+====================================  ==========================================
+``MAILWORKER_BROKER_URL``             Celery broker (default ``redis://localhost:6379/0``)
+``MAILWORKER_REDIS_URL``              dead letters, retries, idempotency (default: broker)
+``MAILWORKER_DEFAULT_FROM``           ``from_email`` when a task gives none
+``MAILWORKER_RETRY_DELAYS``           seconds between delayed retries, last repeats
+                                      (default ``60,300,900,3600,14400``)
+``MAILWORKER_RETRY_JITTER``           each delay varies by up to this fraction (default 0.1), so
+                                      messages deferred together do not return together
+``MAILWORKER_MAX_AGE``                give up this many seconds after the first attempt
+                                      (default 86400)
+``MAILWORKER_VISIBILITY_TIMEOUT``     Redis broker redelivery timeout (default 600)
+``MAILWORKER_TASK_TIME_LIMIT``        hard limit per task (default: 2/5 of the above)
+``MAILWORKER_MAX_REDELIVERIES``       worker-lost redeliveries before "poison" (default 3)
+``MAILWORKER_DLQ_MAX``                dead-letter records kept (default 100000)
+``MAILWORKER_DLQ_TTL``                seconds a dead-letter record is kept (default 30 days)
+``MAILWORKER_DLQ_MAX_BYTES``          bytes all dead letters may take in Redis, payloads
+                                      included (default 268435456, 256 MiB); beyond it the
+                                      oldest payloads go first, then the oldest records
+``MAILWORKER_DLQ_MAX_PAYLOAD_BYTES``  largest payload a dead letter keeps (default 35651584,
+                                      34 MiB: a 25 MiB message, base64-encoded); a record
+                                      over it keeps its error and transcript but cannot
+                                      be re-queued
+``MAILWORKER_LOG_FORMAT``             ``json`` or ``console`` (default: console on a TTY)
+====================================  ==========================================
+
+``0`` switches any of the ``MAILWORKER_DLQ_*`` limits off.
 """
 
 from __future__ import annotations
@@ -24,11 +33,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mailworker.errors import ConfigError
 from mailworker.queue.names import DEFAULT_BROKER_URL
 
 DEFAULT_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0, 14400.0)
+
+#: The dead-letter store's byte budget and per-record payload cap, as in
+#: :mod:`mailworker.store.deadletter` (repeated, so that reading settings — which a Django
+#: web process does in its checks — imports no Redis store).
+DEFAULT_DLQ_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_DLQ_MAX_PAYLOAD_BYTES = 34 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,8 @@ class Settings:
     max_redeliveries: int = 3
     dlq_max: int = 100_000
     dlq_ttl: float = 30 * 86400.0
+    dlq_max_bytes: int = DEFAULT_DLQ_MAX_BYTES
+    dlq_max_payload_bytes: int = DEFAULT_DLQ_MAX_PAYLOAD_BYTES
     log_format: str | None = None
     #: Short in-process retries (tenacity) before a delayed retry is scheduled.
     inprocess_attempts: int = 3
@@ -79,6 +97,16 @@ class Settings:
         if self.log_format not in (None, "json", "console"):
             raise ConfigError("MAILWORKER_LOG_FORMAT: use 'json' or 'console'")
 
+    @property
+    def dlq_limits(self) -> dict[str, Any]:
+        """The dead-letter store's limits, as keyword arguments of ``DeadLetterStore``."""
+        return {
+            "max_records": self.dlq_max,
+            "ttl": self.dlq_ttl,
+            "max_bytes": self.dlq_max_bytes,
+            "max_payload_bytes": self.dlq_max_payload_bytes,
+        }
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read ``MAILWORKER_*`` variables; unset ones keep their defaults."""
@@ -106,6 +134,8 @@ class Settings:
         for var, name in {
             "MAILWORKER_MAX_REDELIVERIES": "max_redeliveries",
             "MAILWORKER_DLQ_MAX": "dlq_max",
+            "MAILWORKER_DLQ_MAX_BYTES": "dlq_max_bytes",
+            "MAILWORKER_DLQ_MAX_PAYLOAD_BYTES": "dlq_max_payload_bytes",
         }.items():
             if env.get(var):
                 kwargs[name] = int(_number(var, env[var], int))

@@ -14,6 +14,7 @@ it starts, a publisher when it publishes its first message.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ from mailworker.store.schedule import RetrySchedule, ScheduledTask
 from mailworker.worker.app import ensure_limits, publishing_app, settings_of
 from mailworker.worker.delivery import Delivery
 from mailworker.worker.mover import RetryMover
+from mailworker.worker.outcome import TaskResult
 from mailworker.worker.sessions import SessionPool
 from mailworker.worker.settings import Settings
 
@@ -114,7 +116,7 @@ def _route(task: Task[Any, Any]) -> tuple[str | None, str | None]:
     return (str(exchange) if exchange else None, str(key) if key else None)
 
 
-def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> TaskResult:
     task_id = task.request.id or f"eager-{time.time_ns()}"
     try:
         exchange, routing_key = _route(task)
@@ -133,6 +135,29 @@ def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> dict[str, A
         raise Reject(str(exc), requeue=True) from exc
 
 
+class _MailTask(Task):  # type: ignore[type-arg]
+    """Runs arguments the task does not take through validation instead of failing.
+
+    A producer that publishes by name (``send_task``, as every producer that does not
+    import the task does) may misspell an argument; Celery would fail calling the
+    function with a bare TypeError and no dead letter. Validation names the field and
+    suggests the right one, and the message is dead-lettered as ``invalid``.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        signature = inspect.signature(self.run)
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError:
+            names = list(signature.parameters)
+            given = {names[i] if i < len(names) else f"args[{i}]": a for i, a in enumerate(args)}
+            return _run(self, self.name, {**given, **kwargs})
+        return super().__call__(*args, **kwargs)
+
+
+_TASK_OPTIONS["base"] = _MailTask
+
+
 @shared_task(name=SEND_MAIL, **_TASK_OPTIONS)
 def _send_mail(  # noqa: PLR0917 -- the task's signature is the public API
     self: Task[Any, Any],
@@ -149,7 +174,7 @@ def _send_mail(  # noqa: PLR0917 -- the task's signature is the public API
     profile: str = "default",
     idempotency_key: str | None = None,
     _meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> TaskResult:
     """Build and send one message through the worker's held-open session.
 
     Example::
@@ -158,9 +183,11 @@ def _send_mail(  # noqa: PLR0917 -- the task's signature is the public API
         send_mail.delay(to="ann@example.org", subject="Welcome", text="Hi Ann",
                         html="<p>Hi Ann</p>")
 
-    Returns (as the task result) ``status`` ("sent" or "deferred"), ``message_id``,
-    ``accepted``, ``refused`` (per recipient: code, reply), ``reply`` and ``attempts``.
-    Invalid input, permanent failures and exhausted retries raise
+    Returns (as the task result) a :class:`~mailworker.worker.outcome.TaskResult`: the
+    same keys whatever the ``status`` (``sent``, ``deferred`` or ``dead_lettered``) —
+    ``message_id``, ``accepted``, ``refused``, ``reply``, ``queue_id``, ``attempts``,
+    ``retry_at``, ``retry_task_id``, ``error`` and the rest, None where they do not
+    apply. Invalid input, permanent failures and exhausted retries raise
     ``DeadLetteredError`` after the message was stored in the dead-letter store.
     """
     kwargs: dict[str, Any] = {
@@ -191,7 +218,7 @@ def _send_message(  # noqa: PLR0917 -- the task's signature is the public API
     profile: str = "default",
     idempotency_key: str | None = None,
     _meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> TaskResult:
     """Send a prebuilt RFC 5322 message (base64 of its bytes) as given.
 
     Line endings are normalised to CRLF; nothing else is changed.
@@ -252,7 +279,7 @@ def _start_mover(sender: Any = None, **_: Any) -> None:
         return
     settings = settings_of(app)
     client = _redis(settings)
-    dlq = DeadLetterStore(client, max_records=settings.dlq_max, ttl=settings.dlq_ttl)
+    dlq = DeadLetterStore(client, **settings.dlq_limits)
     producer = Producer(app)
 
     def publish(task: ScheduledTask) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import importlib
 import json
 import os
@@ -16,6 +18,7 @@ from click.testing import CliRunner, Result
 
 from mailworker.cli import main
 from mailworker.cli.dlq import DlqHooks, dlq, parse_duration
+from mailworker.store import keys
 from mailworker.store.deadletter import DeadLetterStore
 from tests.store.test_deadletter import SECRET_B64, attachment_kwargs, make_record
 
@@ -444,6 +447,119 @@ class TestStats:
     def test_empty(self, cli: Invoke) -> None:
         """An empty store gives zero counts, not an error."""
         assert "total: 0" in ok(cli("stats")).stdout
+
+
+#: Would retitle the window, clear the screen and (C1 CSI) move the cursor if printed raw.
+HOSTILE = "Hi\x1b]0;pwned\x07\x1b[2J\x9b6n\x7f"
+
+
+class TestTerminalSafety:
+    """Nothing a record carries can drive the operator's terminal."""
+
+    @pytest.fixture
+    def hostile(self, store: DeadLetterStore) -> str:
+        """A record whose subject, recipient, profile, reply and transcript carry escapes."""
+        record = make_record(subject=HOSTILE, recipients=[f"a{HOSTILE}@x"], profile=HOSTILE)
+        record = dataclasses.replace(
+            record,
+            error={**record.error, "reply": f"550 no\n{HOSTILE}"},
+            transcript=[f"S: 550 {HOSTILE}"],
+            history=[{"at": 1.0, "error": HOSTILE}],
+        )
+        return store.add(record)
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["list"],
+            ["list", "--json"],
+            ["show"],
+            ["show", "--json"],
+            ["stats"],
+            ["stats", "--json"],
+        ],
+    )
+    def test_no_raw_control_characters(self, cli: Invoke, hostile: str, args: list[str]) -> None:
+        """list, show and stats print ESC, BEL, DEL and C1 controls as visible escapes."""
+        if args[0] == "show":
+            args = [args[0], hostile, *args[1:]]
+        out = ok(cli(*args)).output
+        for raw in ("\x1b", "\x07", "\x9b", "\x7f"):
+            assert raw not in out
+        if "--json" not in args:
+            assert "Hi\\x1b]0;pwned\\x07\\x1b[2J\\x9b6n\\x7f" in out
+
+    def test_json_keeps_the_text(self, cli: Invoke, hostile: str) -> None:
+        """The escaped JSON still decodes to the original subject."""
+        [row] = json_lines(ok(cli("list", "--json")))
+        assert row["subject"] == HOSTILE
+
+    def test_multi_line_reply_keeps_its_lines(self, cli: Invoke, hostile: str) -> None:
+        """A multi-line reply is still shown over several lines, escaped within each."""
+        out = ok(cli("show", hostile)).stdout
+        assert "reply:         550 no\n                 Hi\\x1b]0;" in out
+
+
+class TestPayloadNotKept:
+    """Records whose payload was not kept are shown as such and never re-queued."""
+
+    @pytest.fixture
+    def capped(self, redis_client: redis.Redis) -> str:
+        """A record whose attachment was over a 1000-byte payload cap."""
+        content = base64.b64encode(b"A" * 2000).decode()
+        kwargs = {
+            "to": ["b@x"],
+            "subject": "Scan",
+            "attachments": [{"filename": "scan.tiff", "content": content}],
+        }
+        return DeadLetterStore(redis_client, max_payload_bytes=1000).add(make_record(kwargs=kwargs))
+
+    def test_show_says_so(self, cli: Invoke, capped: str) -> None:
+        """show says the payload was not kept and why, and still lists the attachment."""
+        out = ok(cli("show", capped)).stdout
+        assert "NOT KEPT" in out
+        assert "MAILWORKER_DLQ_MAX_PAYLOAD_BYTES (1000 bytes)" in out
+        assert "cannot be re-queued" in out
+        assert "scan.tiff (type unknown, 2000 bytes)" in out
+        assert "S: 550 5.1.1 no such user" in out
+        data = json.loads(ok(cli("show", capped, "--json")).stdout)
+        assert data["payload_kept"] is False
+        assert "MAILWORKER_DLQ_MAX_PAYLOAD_BYTES" in data["payload_dropped"]
+
+    def test_list_json_says_so(self, cli: Invoke, capped: str, sample: dict[str, str]) -> None:
+        """list --json tells which records still have their payload."""
+        rows = {r["id"]: r["payload_kept"] for r in json_lines(ok(cli("list", "--json")))}
+        assert rows[capped] is False
+        assert rows[sample["p550"]] is True
+
+    def test_retry_refuses_with_a_clear_message(
+        self,
+        cli: Invoke,
+        capped: str,
+        sample: dict[str, str],
+        store: DeadLetterStore,
+        publisher: FakePublisher,
+    ) -> None:
+        """retry --all re-queues the others, refuses this one with a reason and exits 1."""
+        result = cli("retry", "--all")
+        assert result.exit_code == 1
+        assert f"cannot re-queue 1 dead letter, the payload was not kept: {capped}" in result.stderr
+        assert "MAILWORKER_DLQ_MAX_PAYLOAD_BYTES" in result.stderr
+        assert "resend those messages from the application" in result.stderr
+        assert "Re-queued 4 of 5." in result.stdout
+        assert len(publisher.calls) == 4
+        assert store.ids() == [capped]
+
+    def test_list_and_stats_do_not_read_payloads(
+        self, cli: Invoke, sample: dict[str, str], redis_client: redis.Redis
+    ) -> None:
+        """list and stats work even when every payload is unreadable; show does not."""
+        for id_ in sample.values():
+            redis_client.hset(keys.dlq_payload(), id_, "not JSON")
+        assert len(json_lines(ok(cli("list", "--json")))) == 4
+        ok(cli("list"))
+        ok(cli("stats"))
+        assert cli("show", sample["p550"]).exit_code != 0
 
 
 class TestHelp:

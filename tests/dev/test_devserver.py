@@ -34,12 +34,13 @@ MESSAGE = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\
 @pytest.fixture
 def dev_server(tmp_path: Path) -> Iterator[ServerFactory]:
     """Factory: ``dev_server(**options)`` starts a DevServer on a free port with its
-    maildir in ``tmp_path``; every server is stopped after the test."""
+    maildir in ``tmp_path`` (or at ``maildir=``); every server is stopped after the test."""
     servers: list[DevServer] = []
 
-    def create(**options: object) -> DevServer:
+    def create(maildir: Path | None = None, **options: object) -> DevServer:
         options.setdefault("port", 0)
-        server = DevServer(tmp_path / f"mail{len(servers)}", **options)  # type: ignore[arg-type]
+        maildir = maildir or tmp_path / f"mail{len(servers)}"
+        server = DevServer(maildir, **options)  # type: ignore[arg-type]
         servers.append(server)
         return server.start()
 
@@ -107,6 +108,39 @@ class TestDelivery:
         assert len(server.maildir) == 3
         assert server.counters.summary() == "3 messages over 1 connection (1 TLS session, 1 AUTH)"
         assert server.counters.quits == 1
+
+
+class TestMaildir:
+    """The maildir may be new, an empty directory or an existing Maildir; nothing else."""
+
+    def test_existing_empty_directory(self, dev_server: ServerFactory, tmp_path: Path) -> None:
+        """In a directory made beforehand (``mkdir mail``) messages are delivered to new/."""
+        maildir = tmp_path / "mail"
+        maildir.mkdir()
+        server = dev_server(maildir)
+        with SMTPSession(Profile.from_url(server.url("127.0.0.1"))) as session:
+            result = session.send("a@example.com", ["b@example.org"], MESSAGE)
+        assert result.reply.code == 250
+        [name] = os.listdir(maildir / "new")
+        assert (maildir / "new" / name).read_bytes().endswith(b"Subject: hi\n\nbody\n")
+        assert sorted(os.listdir(maildir)) == ["cur", "new", "tmp"]
+
+    def test_existing_maildir_is_kept(self, dev_server: ServerFactory, tmp_path: Path) -> None:
+        """Messages already in a Maildir stay, and new ones are added beside them."""
+        mailbox.Maildir(tmp_path / "mail").add(MESSAGE)
+        server = dev_server(tmp_path / "mail")
+        with connect(server) as client:
+            client.sendmail("a@example.com", ["b@example.org"], MESSAGE)
+        assert len(os.listdir(tmp_path / "mail" / "new")) == 2
+
+    def test_refuses_other_directory(self, tmp_path: Path) -> None:
+        """A directory holding other files is refused, untouched, with what to do instead."""
+        (tmp_path / "notes.txt").write_text("mine")
+        with pytest.raises(ValueError, match="neither empty nor a Maildir") as caught:
+            DevServer(tmp_path, port=0)
+        assert "notes.txt" in str(caught.value)
+        assert "give a new or empty directory, or an existing Maildir" in str(caught.value)
+        assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 class TestRefusals:
@@ -271,6 +305,15 @@ class TestDevserverCommand:
         result = CliRunner().invoke(main, ["devserver", "--auth", "justuser"])
         assert result.exit_code == 2
         assert "USER:PASSWORD" in result.stderr
+
+    def test_maildir_not_empty(self, tmp_path: Path) -> None:
+        """A --maildir that is neither empty nor a Maildir is a usage error naming it."""
+        (tmp_path / "notes.txt").write_text("mine")
+        result = CliRunner().invoke(main, ["devserver", "--port", "0", "--maildir", str(tmp_path)])
+        assert result.exit_code == 2
+        assert "Invalid value for '--maildir'" in result.stderr
+        assert "neither empty nor a Maildir" in result.stderr
+        assert "Traceback" not in result.output
 
     def test_port_taken(self, dev_server: ServerFactory, tmp_path: Path) -> None:
         """A port in use is a one-line error, not a traceback."""

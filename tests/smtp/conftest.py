@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import pytest
 
 from mailworker import Profile
-from tests.servers import DEFAULT_PASSWORD, DEFAULT_USER, ScriptedServer, SMTPServer, TLSMaterials
+from tests.servers import (
+    DEFAULT_PASSWORD,
+    DEFAULT_USER,
+    ScriptedServer,
+    SMTPServer,
+    TLSMaterials,
+    smtp_url,
+)
 from tests.smtp.helpers import ProfileFactory
 
 
@@ -36,21 +42,18 @@ def make_profile(tls_ca: TLSMaterials) -> ProfileFactory:
         port = server if isinstance(server, int) else server.port
         if credentials is None:
             credentials = scheme != "smtp"
-        userinfo = ""
-        if credentials:
-            userinfo = quote(user, safe="")
-            if password is not None and token is None:
-                userinfo += ":" + quote(password, safe="")
-            userinfo += "@"
         options.setdefault("timeout", 5)
         if scheme != "smtp":
             options.setdefault("ca_file", str(tls_ca.ca_file))
-        query = urlencode(
-            {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in options.items()}
+        url = smtp_url(
+            port,
+            user=user if credentials else None,
+            password=password if token is None else None,
+            scheme=scheme,
+            host=host,
+            **options,
         )
         provider = (lambda: token) if token is not None else None
-        return Profile.from_url(
-            f"{scheme}://{userinfo}{host}:{port}?{query}", oauth_token_provider=provider
-        )
+        return Profile.from_url(url, oauth_token_provider=provider)
 
     return build

@@ -85,9 +85,7 @@ def smtp_script(
                 on_line(conn, line)
             word = verb(line)
             if word in ("EHLO", "HELO") and word not in table:
-                lines = [SERVER_HOSTNAME, *extensions] if word == "EHLO" else [SERVER_HOSTNAME]
-                for position, text in enumerate(lines):
-                    conn.send(f"250{' ' if position == len(lines) - 1 else '-'}{text}")
+                conn.send_reply("250", [SERVER_HOSTNAME, *(extensions if word == "EHLO" else ())])
             elif word == "QUIT":
                 conn.send(table.get("QUIT", "221 bye"))
                 return

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailworker import ConfigError, Profile, Timeouts
-from mailworker.smtp.profile import profile_names
+from mailworker.smtp.profile import normalize_profile_name, profile_names
 
 
 class TestSchemes:
@@ -63,6 +63,24 @@ class TestCredentials:
             Profile.from_url("smtps://u:sup3rsecret@mail.example.com?bogus=1")
         assert "sup3rsecret" not in str(info.value)
         assert "bogus" in str(info.value)
+
+    @pytest.mark.parametrize("delimiter", ["\uff03", "\uff0f", "\uff1f", "\uff20", "\uff1a"])
+    def test_fullwidth_delimiter_in_password_never_in_errors(self, delimiter: str) -> None:
+        """A password with a character NFKC turns into a URL delimiter is refused unquoted."""
+        password = f"pa{delimiter}s3cr3t"
+        for url in (f"smtps://user:{password}@mail.example.com", f"smtps://user:{password}@h:465"):
+            with pytest.raises(ConfigError) as info:
+                Profile.from_url(url)
+            message = str(info.value)
+            assert "s3cr3t" not in message
+            assert password not in message
+            assert "percent-encode" in message
+
+    def test_fullwidth_password_works_percent_encoded(self) -> None:
+        """The same password, percent-encoded, is accepted."""
+        password = "pa\uff03ss"
+        p = Profile.from_url(f"smtps://user:{quote(password, safe='')}@mail.example.com")
+        assert p.password == password
 
     def test_password_from_env_and_file(self, tmp_path: Path) -> None:
         """The password may come from MAILWORKER_SMTP_PASSWORD or a _FILE (newline stripped)."""
@@ -176,6 +194,68 @@ class TestEnvironment:
         }
         assert profile_names(env) == ["bulk", "default"]
         assert Profile.from_env("bulk", env).host == "relay.example"
+
+    def test_named_profile_password_file(self, tmp_path: Path) -> None:
+        """Profile bulk reads its password file from MAILWORKER_SMTP_PASSWORD_BULK_FILE."""
+        secret = tmp_path / "pw"
+        secret.write_text("bulk-secret\n")
+        env = {
+            "MAILWORKER_SMTP_URL_BULK": "smtps://u@bulk.example",
+            "MAILWORKER_SMTP_PASSWORD_BULK_FILE": str(secret),
+        }
+        assert Profile.from_env("bulk", env).password == "bulk-secret"
+
+    def test_named_profile_token_file(self, tmp_path: Path) -> None:
+        """Profile bulk reads its OAuth token file from MAILWORKER_SMTP_OAUTH_TOKEN_BULK_FILE."""
+        token = tmp_path / "token"
+        token.write_text("t1")
+        env = {
+            "MAILWORKER_SMTP_URL_BULK": "smtps://u@bulk.example?auth=XOAUTH2",
+            "MAILWORKER_SMTP_OAUTH_TOKEN_BULK_FILE": str(token),
+        }
+        provider = Profile.from_env("bulk", env).oauth_token_provider
+        assert provider is not None
+        assert provider() == "t1"
+
+    @pytest.mark.parametrize("secret", ["PASSWORD", "OAUTH_TOKEN"])
+    def test_misplaced_file_suffix_names_the_right_variable(
+        self, tmp_path: Path, secret: str
+    ) -> None:
+        """MAILWORKER_SMTP_<SECRET>_FILE_BULK is an error naming …_<SECRET>_BULK_FILE."""
+        path = tmp_path / "secret"
+        path.write_text("x")
+        env = {
+            "MAILWORKER_SMTP_URL_BULK": "smtps://u:p@bulk.example",
+            f"MAILWORKER_SMTP_{secret}_FILE_BULK": str(path),
+        }
+        with pytest.raises(ConfigError, match=f"MAILWORKER_SMTP_{secret}_BULK_FILE"):
+            Profile.from_env("bulk", env)
+
+    def test_profile_named_file_something_is_not_mistaken(self) -> None:
+        """A profile called file_bulk keeps its plain MAILWORKER_SMTP_PASSWORD_FILE_BULK."""
+        env = {
+            "MAILWORKER_SMTP_URL_BULK": "smtps://u:p@bulk.example",
+            "MAILWORKER_SMTP_URL_FILE_BULK": "smtps://u@other.example",
+            "MAILWORKER_SMTP_PASSWORD_FILE_BULK": "other-secret",
+        }
+        assert Profile.from_env("bulk", env).password == "p"
+        assert Profile.from_env("file_bulk", env).password == "other-secret"
+
+    def test_named_profile_without_password_names_its_variable(self) -> None:
+        """A named profile's missing password names MAILWORKER_SMTP_PASSWORD_<NAME>."""
+        env = {"MAILWORKER_SMTP_URL_BULK": "smtps://u@bulk.example"}
+        with pytest.raises(ConfigError, match="MAILWORKER_SMTP_PASSWORD_BULK_FILE"):
+            Profile.from_env("bulk", env)
+
+    def test_profile_names_are_case_insensitive(self) -> None:
+        """Bulk, BULK and bulk are one profile, named bulk."""
+        env = {"MAILWORKER_SMTP_URL_BULK": "smtp://relay.example"}
+        profiles = {Profile.from_env(n, env) for n in ("Bulk", "BULK", " bulk ")}
+        assert len(profiles) == 1
+        assert profiles.pop().name == "bulk"
+        assert normalize_profile_name("Bulk") == "bulk"
+        assert normalize_profile_name("") == normalize_profile_name(None) == "default"
+        assert profile_names(env) == ["bulk"]
 
     def test_missing_profile_names_the_variable(self) -> None:
         """An unconfigured profile's error names the variable to set."""

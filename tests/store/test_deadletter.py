@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -12,8 +13,18 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailworker.message.payload import MAX_MESSAGE_BYTES
 from mailworker.store import keys
-from mailworker.store.deadletter import DeadLetter, DeadLetterStore, code_matcher, payload_summary
+from mailworker.store.deadletter import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    EVICTED,
+    DeadLetter,
+    DeadLetterStore,
+    PayloadNotKeptError,
+    code_matcher,
+    payload_summary,
+)
 
 #: A recognisable attachment; neither it nor its base64 may show up in summaries.
 SECRET_BYTES = b"ATTACHMENT-BYTES-MUST-NOT-LEAK-" * 8
@@ -527,3 +538,216 @@ class TestStats:
             "code": {"550": 2, "421": 1, "none": 1},
             "profile": {"default": 3, "bulk": 1},
         }
+
+
+def big_attachment_kwargs(size: int) -> dict[str, Any]:
+    """send_mail kwargs with one attachment of ``size`` bytes (base64 in the payload)."""
+    content = base64.b64encode(b"A" * size).decode()
+    return {
+        "to": ["bob@example.com"],
+        "subject": "Scan",
+        "text": "see attached",
+        "attachments": [{"filename": "scan.tiff", "content": content, "mimetype": "image/tiff"}],
+    }
+
+
+def stored_bytes(redis_client: redis.Redis) -> int:
+    """What the record and payload hashes really hold, in bytes."""
+    total = 0
+    for key in (keys.dlq_record(), keys.dlq_payload()):
+        for value in redis_client.hvals(key):
+            total += len(value)
+    return total
+
+
+class TestPayloadApart:
+    """The payload is stored apart, so listing and counting never load it."""
+
+    def test_thirty_mib_attachment_keeps_a_small_record(
+        self, store: DeadLetterStore, redis_client: redis.Redis
+    ) -> None:
+        """A 30 MiB attachment no longer makes a 40 MiB record: the record stays small."""
+        id_ = store.add(make_record(kwargs=big_attachment_kwargs(30 * 1024 * 1024)))
+        assert redis_client.hstrlen(keys.dlq_record(), id_) < 4096
+        assert not redis_client.hexists(keys.dlq_payload(), id_)
+        assert store.size() < 4096
+        record = store.get(id_)
+        assert record is not None
+        assert record.summary()["attachments"] == [
+            {"filename": "scan.tiff", "size": 30 * 1024 * 1024}
+        ]
+
+    def test_list_and_stats_never_load_payloads(
+        self, store: DeadLetterStore, redis_client: redis.Redis
+    ) -> None:
+        """list(), ids() and stats() work without reading payloads, even unreadable ones."""
+        id_ = store.add(make_record(kwargs=attachment_kwargs()))
+        redis_client.hset(keys.dlq_payload(), id_, "not JSON")  # reading it would fail
+        [listed] = store.list()
+        assert listed.payload_complete is False
+        assert listed.payload_dropped is None
+        assert listed.summary()["attachments"] == [
+            {"filename": "invoice.pdf", "size": len(SECRET_BYTES)}
+        ]
+        assert SECRET_B64[:40] not in json.dumps(listed.kwargs)
+        assert store.stats()["reason"] == {"permanent": 1}
+        assert store.ids(profile="default") == [id_]
+        with pytest.raises(ValueError, match="unreadable"):
+            store.get(id_)
+
+    def test_get_returns_the_whole_payload(self, store: DeadLetterStore) -> None:
+        """get() gives the original kwargs back, ready to re-queue."""
+        id_ = store.add(make_record(kwargs=attachment_kwargs()))
+        record = store.get(id_)
+        assert record is not None
+        assert record.kwargs == attachment_kwargs()
+        assert record.payload_complete
+        assert record.payload_bytes == len(json.dumps(attachment_kwargs(), separators=(",", ":")))
+
+    def test_listed_record_refuses_to_requeue(self, store: DeadLetterStore) -> None:
+        """A record from list() holds only a summary, so its requeue_kwargs() refuse."""
+        store.add(make_record(kwargs=attachment_kwargs()))
+        with pytest.raises(PayloadNotKeptError, match="summary"):
+            store.list()[0].requeue_kwargs()
+
+    def test_long_bodies_are_cut_in_the_record(
+        self, store: DeadLetterStore, redis_client: redis.Redis
+    ) -> None:
+        """A large text body stays in the payload; the listed record carries its start."""
+        body = "x" * 100_000
+        id_ = store.add(make_record(kwargs={"to": ["b@x"], "subject": "s", "text": body}))
+        assert redis_client.hstrlen(keys.dlq_record(), id_) < 4096
+        [listed] = store.list()
+        assert listed.kwargs["text"].endswith("… (100000 characters)")
+        record = store.get(id_)
+        assert record is not None
+        assert record.kwargs["text"] == body
+
+    def test_records_written_before_the_split_still_work(
+        self, store: DeadLetterStore, redis_client: redis.Redis
+    ) -> None:
+        """A record stored whole by an older version lists, shows and re-queues as before."""
+        old = dataclasses.replace(make_record(kwargs=attachment_kwargs()), id="0" * 20)
+        redis_client.zadd(keys.dlq_index(), {old.id: START})
+        redis_client.hset(keys.dlq_record(), old.id, old.to_json())
+        assert [r.id for r in store.list()] == [old.id]
+        got = store.get(old.id)
+        assert got is not None
+        assert got.kwargs == attachment_kwargs()
+        assert store.requeue(old.id, lambda task, kwargs: "t") == "t"
+        assert store.count() == 0
+
+
+class TestPayloadCap:
+    """A payload over max_payload_bytes is not kept; the rest of the record is."""
+
+    def test_over_the_cap_keeps_metadata_reply_and_transcript(
+        self, make_store: Callable[..., DeadLetterStore], redis_client: redis.Redis
+    ) -> None:
+        """The record keeps error, reply, transcript and a summary, and says why no payload."""
+        store = make_store(max_payload_bytes=1000)
+        id_ = store.add(make_record(kwargs=big_attachment_kwargs(2000)))
+        record = store.get(id_)
+        assert record is not None
+        assert record.error["reply"] == "5.1.1 no such user"
+        assert record.transcript == make_record().transcript
+        assert record.payload_complete is False
+        assert record.payload_dropped is not None
+        assert "MAILWORKER_DLQ_MAX_PAYLOAD_BYTES (1000 bytes)" in record.payload_dropped
+        assert record.details()["payload_kept"] is False
+        assert record.summary()["attachments"] == [{"filename": "scan.tiff", "size": 2000}]
+        assert redis_client.hlen(keys.dlq_payload()) == 0
+
+    def test_requeue_refuses_and_keeps_the_record(
+        self, make_store: Callable[..., DeadLetterStore]
+    ) -> None:
+        """Re-queueing a record without payload raises, publishes nothing, keeps the record."""
+        store = make_store(max_payload_bytes=1000)
+        id_ = store.add(make_record(kwargs=big_attachment_kwargs(2000)))
+
+        def publish(task: str, kwargs: dict[str, Any]) -> str:
+            raise AssertionError("must not publish")
+
+        with pytest.raises(PayloadNotKeptError, match="MAILWORKER_DLQ_MAX_PAYLOAD_BYTES"):
+            store.requeue(id_, publish)
+        assert store.count() == 1
+
+    def test_default_cap_keeps_any_message_within_the_limit(self) -> None:
+        """The default cap holds a payload carrying a 25 MiB message in base64."""
+        largest = len(base64.b64encode(b"\0" * MAX_MESSAGE_BYTES))
+        assert largest < DEFAULT_MAX_PAYLOAD_BYTES < largest + 1024 * 1024
+        assert DEFAULT_MAX_PAYLOAD_BYTES < DEFAULT_MAX_BYTES
+
+
+class TestByteBudget:
+    """The store stays within max_bytes: oldest payloads go first, then oldest records."""
+
+    def test_size_is_exact(
+        self, store: DeadLetterStore, clock: FakeClock, redis_client: redis.Redis
+    ) -> None:
+        """size() is what the records and payloads hold, through adds and removes."""
+        ids = fill(store, clock, [make_record(kwargs=attachment_kwargs()) for _ in range(3)])
+        assert store.size() == stored_bytes(redis_client) > 0
+        store.remove(ids[:1])
+        assert store.size() == stored_bytes(redis_client)
+        store.purge()
+        assert store.size() == 0
+
+    def test_oldest_payloads_are_evicted_first(
+        self,
+        make_store: Callable[..., DeadLetterStore],
+        clock: FakeClock,
+        redis_client: redis.Redis,
+    ) -> None:
+        """Over the budget, the oldest payloads go; every record stays, and says so."""
+        store = make_store(max_bytes=30_000)
+        big = [make_record(kwargs=big_attachment_kwargs(6000)) for _ in range(4)]
+        ids = fill(store, clock, big)
+        assert store.count() == 4
+        assert store.size() <= 30_000
+        assert store.size() == stored_bytes(redis_client)
+        first = store.get(ids[0])
+        last = store.get(ids[-1])
+        assert first is not None
+        assert last is not None
+        assert first.payload_dropped == EVICTED
+        assert last.payload_complete
+        assert [r.payload_dropped for r in store.list()][-1] == EVICTED
+
+    def test_whole_records_go_when_no_payload_is_left(
+        self, make_store: Callable[..., DeadLetterStore], clock: FakeClock
+    ) -> None:
+        """When records alone exceed the budget, the oldest records go."""
+        one = len(make_record().to_json()) + 500  # a record, payload summary and all
+        store = make_store(max_bytes=3 * one)
+        ids = fill(store, clock, [make_record() for _ in range(6)])
+        assert 0 < store.count() < 6
+        assert store.ids()[0] == ids[-1]
+        assert store.size() <= 3 * one
+
+    def test_payload_over_the_whole_budget_is_not_stored(
+        self, make_store: Callable[..., DeadLetterStore]
+    ) -> None:
+        """A payload larger than the budget itself is never written, and the record says so."""
+        store = make_store(max_bytes=5000, max_payload_bytes=0)
+        id_ = store.add(make_record(kwargs=big_attachment_kwargs(6000)))
+        record = store.get(id_)
+        assert record is not None
+        assert record.payload_dropped is not None
+        assert "MAILWORKER_DLQ_MAX_BYTES" in record.payload_dropped
+
+    def test_zero_switches_the_budget_off(
+        self, make_store: Callable[..., DeadLetterStore], clock: FakeClock
+    ) -> None:
+        """max_bytes=0 and max_payload_bytes=0 keep every payload."""
+        store = make_store(max_bytes=0, max_payload_bytes=0)
+        big = [make_record(kwargs=big_attachment_kwargs(6000)) for _ in range(4)]
+        ids = fill(store, clock, big)
+        assert all(r is not None and r.payload_complete for r in map(store.get, ids))
+
+    def test_negative_budgets_rejected(self, redis_client: redis.Redis) -> None:
+        """Negative byte limits are a ValueError naming the argument."""
+        with pytest.raises(ValueError, match="max_bytes"):
+            DeadLetterStore(redis_client, max_bytes=-1)
+        with pytest.raises(ValueError, match="max_payload_bytes"):
+            DeadLetterStore(redis_client, max_payload_bytes=-1)

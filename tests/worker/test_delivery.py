@@ -6,8 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from email.message import EmailMessage
 from typing import Any
 
@@ -17,39 +16,18 @@ from structlog.testing import capture_logs
 
 from mailworker.errors import DeadLetteredError
 from mailworker.queue.names import SEND_MAIL, SEND_MESSAGE
-from mailworker.smtp.profile import Profile
 from mailworker.store import keys
 from mailworker.store.deadletter import DeadLetter, DeadLetterStore
 from mailworker.store.ledger import Ledger
 from mailworker.store.schedule import RetrySchedule, ScheduledTask
 from mailworker.worker.delivery import Delivery
-from mailworker.worker.sessions import SessionPool
-from mailworker.worker.settings import Settings
-from tests.servers import DEFAULT_PASSWORD, DEFAULT_USER, SMTPServer, TLSMaterials
-from tests.worker_process import smtp_url
+from tests.servers import DEFAULT_USER, WRONG_PASSWORD, SMTPServer
+from tests.worker_process import TERMINAL_FIELDS
+
+#: The server under test (``smtpd``): STARTTLS with the test CA, AUTH required.
+pytestmark = pytest.mark.smtpd_options(tls="starttls", auth=True)
 
 SENDER = "app@example.com"
-#: A password the server refuses; it must never show up in a log or a record.
-WRONG_PASSWORD = "wrong-Pa55word-never-logged"
-#: The settings every test starts from, as a worker would read them.
-BASE_ENV = {
-    "MAILWORKER_DEFAULT_FROM": f"App <{SENDER}>",
-    "MAILWORKER_RETRY_DELAYS": "1,1,2",
-    "MAILWORKER_RETRY_JITTER": "0",
-    "MAILWORKER_MAX_AGE": "60",
-    "MAILWORKER_VISIBILITY_TIMEOUT": "10",
-    "MAILWORKER_TASK_TIME_LIMIT": "4",
-}
-#: Fields every terminal event (mail.sent, mail.deferred, mail.dead_lettered) carries.
-TERMINAL_FIELDS = (
-    "message_id",
-    "task_id",
-    "profile",
-    "attempt",
-    "duration_ms",
-    "reply",
-    "transcript",
-)
 
 # Recognisable payload bytes: a PDF-ish attachment and a PNG-ish inline image with every
 # byte value, so any transfer-encoding mistake shows.
@@ -79,58 +57,13 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture
-def server(smtp_server: Callable[..., SMTPServer]) -> SMTPServer:
-    """A STARTTLS server that requires AUTH (trustme certificate)."""
-    return smtp_server(tls="starttls", auth=True)
-
-
-@pytest.fixture
-def make_delivery(
-    server: SMTPServer, tls_ca: TLSMaterials, redis_client: redis.Redis, redis_url: str
-) -> Iterator[Callable[..., Delivery]]:
-    """Factory: ``make_delivery(clock=None, **env)`` -> a Delivery configured like a
-    worker from ``MAILWORKER_*`` variables, talking to ``server``.
-
-    Profiles: ``default`` (PLAIN, good password) and ``wrong`` (PLAIN, WRONG_PASSWORD).
-    Every session is closed (QUIT) after the test.
-    """
-    made: list[Delivery] = []
-    common: dict[str, Any] = {
-        "user": DEFAULT_USER,
-        "ca_file": tls_ca.ca_file,
-        "timeout": 5,
-        "auth": "PLAIN",
-    }
-    profiles = {
-        "MAILWORKER_SMTP_URL": smtp_url(server.port, password=DEFAULT_PASSWORD, **common),
-        "MAILWORKER_SMTP_URL_WRONG": smtp_url(server.port, password=WRONG_PASSWORD, **common),
-    }
-
-    def create(clock: Callable[[], float] = time.time, **env: str) -> Delivery:
-        environ = {**BASE_ENV, "MAILWORKER_BROKER_URL": redis_url, **profiles, **env}
-        settings = Settings.from_env(environ)
-        pool = SessionPool(lambda name: Profile.from_env(name, environ))
-        delivery = Delivery(settings, redis_client, pool, clock=clock)
-        made.append(delivery)
-        return delivery
-
-    yield create
-    for delivery in made:
-        delivery.pool.close_all()
-
-
-@pytest.fixture
-def delivery(make_delivery: Callable[..., Delivery]) -> Delivery:
-    """A Delivery with the base settings and the real clock."""
-    return make_delivery()
-
-
 def only_record(dlq: DeadLetterStore) -> DeadLetter:
     """The one dead-letter record there must be."""
     records = dlq.list()
     assert len(records) == 1, [r.summary() for r in records]
-    return records[0]
+    record = dlq.get(records[0].id)
+    assert record is not None
+    return record
 
 
 def payload_of(record: DeadLetter) -> dict[str, Any]:
@@ -145,11 +78,6 @@ def claim_one(schedule: RetrySchedule, now: float) -> ScheduledTask:
     assert len(tasks) == 1, tasks
     schedule.done(tasks[0].id)
     return tasks[0]
-
-
-def copies_per_recipient(server: SMTPServer) -> Counter[str]:
-    """How many accepted copies each envelope recipient got."""
-    return Counter(rcpt for m in server.handler.messages for rcpt in m.rcpt_tos)
 
 
 def body(msg: EmailMessage, subtype: str) -> str:
@@ -186,7 +114,7 @@ class TestSent:
     """Messages go out as built, with a result that says what the server said."""
 
     def test_attachments_and_inline_image_arrive_intact(
-        self, delivery: Delivery, server: SMTPServer
+        self, delivery: Delivery, smtpd: SMTPServer
     ) -> None:
         """A send_mail with text, HTML, an inline image, an attachment and non-ASCII
         headers arrives as multipart/mixed > alternative > related, every part intact."""
@@ -215,7 +143,7 @@ class TestSent:
 
         result = delivery.run(SEND_MAIL, "task-attachments", kwargs)
 
-        [received] = server.handler.wait_for_messages(1)
+        [received] = smtpd.handler.wait_for_messages(1)
         assert received.mail_from == SENDER
         assert received.rcpt_tos == ("zoe@example.org", "carl@example.org", "hidden@example.org")
         assert received.tls
@@ -252,12 +180,12 @@ class TestSent:
         assert logo.get_content_disposition() == "inline"
         assert logo["Content-ID"] == "<logo@example.com>"
 
-    def test_result_says_what_the_server_said(self, delivery: Delivery, server: SMTPServer) -> None:
+    def test_result_says_what_the_server_said(self, delivery: Delivery, smtpd: SMTPServer) -> None:
         """The task result is JSON with status, message_id, accepted, refused, the final
         reply including the server's queue id, and the number of attempts."""
         result = delivery.run(SEND_MAIL, "task-result", mail(to=["ann@example.org"]))
 
-        [received] = server.handler.wait_for_messages(1)
+        [received] = smtpd.handler.wait_for_messages(1)
         assert json.loads(json.dumps(result)) == result
         assert result["status"] == "sent"
         assert result["message_id"] == received.parsed()["Message-ID"]
@@ -268,9 +196,7 @@ class TestSent:
         assert result["queue_id"] == received.queue_id
         assert result["attempts"] == 1
 
-    def test_prebuilt_message_is_sent_as_given(
-        self, delivery: Delivery, server: SMTPServer
-    ) -> None:
+    def test_prebuilt_message_is_sent_as_given(self, delivery: Delivery, smtpd: SMTPServer) -> None:
         """send_message delivers the caller's bytes unchanged but for CRLF line endings."""
         raw = (
             b"From: App <app@example.com>\nTo: ann@example.org\nSubject: prebuilt\n"
@@ -284,21 +210,21 @@ class TestSent:
 
         result = delivery.run(SEND_MESSAGE, "task-raw", kwargs)
 
-        [received] = server.handler.wait_for_messages(1)
+        [received] = smtpd.handler.wait_for_messages(1)
         assert received.content == raw.replace(b"\n", b"\r\n")
         assert received.rcpt_tos == ("ann@example.org", "bob@example.org")
         assert result["message_id"] == "<prebuilt-1@example.com>"
         assert result["accepted"] == ["ann@example.org", "bob@example.org"]
 
-    def test_messages_share_one_held_session(self, delivery: Delivery, server: SMTPServer) -> None:
+    def test_messages_share_one_held_session(self, delivery: Delivery, smtpd: SMTPServer) -> None:
         """Several messages go through one TLS session with one AUTH."""
         for i in range(5):
             delivery.run(SEND_MAIL, f"task-reuse-{i}", mail(subject=f"message {i}"))
 
-        server.handler.wait_for_messages(5)
-        assert server.handler.counts["connections"] == 1
-        assert server.handler.counts["tls_handshakes"] == 1
-        assert server.handler.counts["auth_successes"] == 1
+        smtpd.handler.wait_for_messages(5)
+        assert smtpd.handler.counts["connections"] == 1
+        assert smtpd.handler.counts["tls_handshakes"] == 1
+        assert smtpd.handler.counts["auth_successes"] == 1
 
 
 INVALID_PAYLOADS = [
@@ -341,7 +267,7 @@ class TestInvalid:
     def test_invalid_payload_is_dead_lettered_without_connecting(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         dlq: DeadLetterStore,
         schedule: RetrySchedule,
         task: str,
@@ -362,7 +288,7 @@ class TestInvalid:
         assert record.task == task
         assert record.task_id == "task-invalid"
         assert schedule.pending() == 0
-        assert server.handler.counts["connections"] == 0
+        assert smtpd.handler.counts["connections"] == 0
 
 
 class TestPermanent:
@@ -371,20 +297,20 @@ class TestPermanent:
     def test_rcpt_5xx_is_dead_lettered_after_one_attempt(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         dlq: DeadLetterStore,
         schedule: RetrySchedule,
     ) -> None:
         """550 to the only recipient: one attempt at the server, a "permanent" record
         with the reply and the transcript, no retry."""
-        server.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
+        smtpd.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
 
         with pytest.raises(DeadLetteredError, match="permanent"):
             delivery.run(SEND_MAIL, "task-550", mail(to="bad@example.org"))
 
-        assert server.handler.counts["MAIL"] == 1
-        assert server.handler.counts["RCPT"] == 1
-        assert server.handler.counts["DATA"] == 0
+        assert smtpd.handler.counts["MAIL"] == 1
+        assert smtpd.handler.counts["RCPT"] == 1
+        assert smtpd.handler.counts["DATA"] == 0
         record = only_record(dlq)
         assert record.reason == "permanent"
         assert record.code == 550
@@ -397,16 +323,16 @@ class TestPermanent:
         assert schedule.pending() == 0
 
     def test_data_5xx_is_dead_lettered_after_one_attempt(
-        self, delivery: Delivery, server: SMTPServer, dlq: DeadLetterStore
+        self, delivery: Delivery, smtpd: SMTPServer, dlq: DeadLetterStore
     ) -> None:
         """554 after the content: the server saw the message once, the record says why."""
-        server.handler.data_reply = "554 5.6.0 message content rejected"
+        smtpd.handler.data_reply = "554 5.6.0 message content rejected"
 
         with pytest.raises(DeadLetteredError):
             delivery.run(SEND_MAIL, "task-554", mail())
 
-        assert len(server.handler.rejected) == 1
-        assert server.handler.counts["DATA"] == 1
+        assert len(smtpd.handler.rejected) == 1
+        assert smtpd.handler.counts["DATA"] == 1
         record = only_record(dlq)
         assert record.reason == "permanent"
         assert record.code == 554
@@ -418,78 +344,78 @@ class TestTransient:
     """4xx: retried in-process first, then as a delayed retry scheduled in Redis."""
 
     def test_data_4xx_once_is_retried_in_process(
-        self, delivery: Delivery, server: SMTPServer, schedule: RetrySchedule
+        self, delivery: Delivery, smtpd: SMTPServer, schedule: RetrySchedule
     ) -> None:
         """One 451 after the content: a fresh session sends it again at once."""
-        server.handler.data_reply_once = "451 4.3.0 try again"
+        smtpd.handler.data_reply_once = "451 4.3.0 try again"
 
         result = delivery.run(SEND_MAIL, "task-451-once", mail())
 
         assert result["status"] == "sent"
         assert result["attempts"] == 2
-        assert len(server.handler.wait_for_messages(1)) == 1
-        assert len(server.handler.rejected) == 1
-        assert server.handler.counts["connections"] == 2, "the retry reconnects first"
+        assert len(smtpd.handler.wait_for_messages(1)) == 1
+        assert len(smtpd.handler.rejected) == 1
+        assert smtpd.handler.counts["connections"] == 2, "the retry reconnects first"
         assert schedule.pending() == 0
 
     def test_421_at_mail_once_is_retried_in_process(
-        self, delivery: Delivery, server: SMTPServer
+        self, delivery: Delivery, smtpd: SMTPServer
     ) -> None:
         """A 421 (server closing) to MAIL: reconnect and send, no delayed retry."""
-        server.handler.mail_reply_once = "421 4.3.2 service shutting down"
+        smtpd.handler.mail_reply_once = "421 4.3.2 service shutting down"
 
         result = delivery.run(SEND_MAIL, "task-421-once", mail())
 
         assert result["status"] == "sent"
         assert result["attempts"] == 2
-        assert len(server.handler.wait_for_messages(1)) == 1
+        assert len(smtpd.handler.wait_for_messages(1)) == 1
 
     def test_rcpt_4xx_once_waits_for_the_delayed_retry(
         self,
         make_delivery: Callable[..., Delivery],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
     ) -> None:
         """A greylisted recipient (451 once) is not hammered in-process: the message is
         deferred by the first delay and the scheduled run delivers it."""
         clock = FakeClock()
         delivery = make_delivery(clock=clock)
-        server.handler.rcpt_replies_once["grey@example.org"] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies_once["grey@example.org"] = "451 4.7.1 greylisted"
 
         first = delivery.run(SEND_MAIL, "task-grey", mail(to="grey@example.org"))
 
         assert first["status"] == "deferred"
-        assert server.handler.counts["RCPT"] == 1
+        assert smtpd.handler.counts["RCPT"] == 1
         assert schedule.next_due() == clock.now + 1.0
         retry = claim_one(schedule, clock.now + 1.0)
         second = delivery.run(retry.task, retry.id, retry.kwargs)
         assert second["status"] == "sent"
         assert second["attempts"] == 2
-        assert copies_per_recipient(server) == {"grey@example.org": 1}
+        assert smtpd.handler.copies() == {"grey@example.org": 1}
 
     def test_persistent_4xx_schedules_a_retry_that_delivers(
         self,
         make_delivery: Callable[..., Delivery],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
     ) -> None:
         """451 on every in-process try: result "deferred", one retry in Redis due after
         the first MAILWORKER_RETRY_DELAYS delay; run when due, it delivers."""
         clock = FakeClock()
         delivery = make_delivery(clock=clock)
-        server.handler.data_reply = "451 4.3.0 try again later"
+        smtpd.handler.data_reply = "451 4.3.0 try again later"
 
         result = delivery.run(SEND_MAIL, "task-451", mail())
 
         assert result["status"] == "deferred"
         assert result["attempts"] == 3
-        assert server.handler.counts["DATA"] == 3, "three in-process tries"
+        assert smtpd.handler.counts["DATA"] == 3, "three in-process tries"
         assert schedule.pending() == 1
         assert schedule.next_due() == clock.now + 1.0
         assert result["retry_at"] == clock.now + 1.0
         assert schedule.claim_due(now=clock.now + 0.5) == [], "not due before its time"
 
-        server.handler.data_reply = None
+        smtpd.handler.data_reply = None
         clock.now += 1.0
         retry = claim_one(schedule, clock.now)
         assert retry.id == result["retry_task_id"]
@@ -498,13 +424,13 @@ class TestTransient:
 
         assert sent["status"] == "sent"
         assert sent["attempts"] == 4
-        assert len(server.handler.wait_for_messages(1)) == 1
+        assert len(smtpd.handler.wait_for_messages(1)) == 1
         assert schedule.pending() == 0
 
     def test_retry_delays_follow_the_setting_then_exhaust(
         self,
         make_delivery: Callable[..., Delivery],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         dlq: DeadLetterStore,
     ) -> None:
@@ -513,7 +439,7 @@ class TestTransient:
         is dead-lettered as "exhausted"."""
         clock = FakeClock()
         delivery = make_delivery(clock=clock, MAILWORKER_MAX_AGE="5")
-        server.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
         first_attempt = clock.now
 
         result = delivery.run(SEND_MAIL, "task-exhaust", mail(to="grey@example.org"))
@@ -536,25 +462,25 @@ class TestTransient:
         assert len(record.history) == 5
         assert record.first_attempt_at == first_attempt
         assert record.recipients == ["grey@example.org"]
-        assert server.handler.counts["RCPT"] == 5
-        assert server.handler.messages == []
+        assert smtpd.handler.counts["RCPT"] == 5
+        assert smtpd.handler.messages == []
         assert schedule.pending() == 0
 
     def test_delayed_retry_sends_the_same_message_id_and_date(
-        self, delivery: Delivery, server: SMTPServer, schedule: RetrySchedule
+        self, delivery: Delivery, smtpd: SMTPServer, schedule: RetrySchedule
     ) -> None:
         """Every attempt of one message, also a delayed retry seconds later, carries the
         Message-ID and Date of the first."""
-        server.handler.data_reply = "451 4.3.0 try again later"
+        smtpd.handler.data_reply = "451 4.3.0 try again later"
         delivery.run(SEND_MAIL, "task-identity", mail())
-        server.handler.data_reply = None
+        smtpd.handler.data_reply = None
         time.sleep(1.1)  # a rebuilt message would get a later Date
         retry = claim_one(schedule, time.time() + 5)
 
         result = delivery.run(retry.task, retry.id, retry.kwargs)
 
-        [sent] = server.handler.wait_for_messages(1)
-        attempts = [m.parsed() for m in [*server.handler.rejected, sent]]
+        [sent] = smtpd.handler.wait_for_messages(1)
+        attempts = [m.parsed() for m in [*smtpd.handler.rejected, sent]]
         assert len(attempts) == 4
         assert {m["Message-ID"] for m in attempts} == {result["message_id"]}
         assert len({m["Date"] for m in attempts}) == 1
@@ -566,14 +492,14 @@ class TestMixedRecipients:
     def test_ok_deferred_and_rejected_recipients(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         dlq: DeadLetterStore,
     ) -> None:
         """ok@ is delivered once, a retry is scheduled for grey@ alone, bad@ gets a
         "permanent" record alone; when grey@'s retry succeeds ok@ still has one copy."""
-        server.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
-        server.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
+        smtpd.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
         recipients = ["ok@example.org", "grey@example.org", "bad@example.org"]
 
         first = delivery.run(SEND_MAIL, "task-mixed", mail(to=recipients))
@@ -582,21 +508,21 @@ class TestMixedRecipients:
         assert first["accepted"] == ["ok@example.org"]
         assert first["refused"]["grey@example.org"]["status"] == "deferred"
         assert first["refused"]["bad@example.org"]["status"] == "rejected"
-        assert copies_per_recipient(server) == {"ok@example.org": 1}
+        assert smtpd.handler.copies() == {"ok@example.org": 1}
         record = only_record(dlq)
         assert record.reason == "permanent"
         assert record.recipients == ["bad@example.org"]
         assert record.code == 550
         assert schedule.pending() == 1
 
-        del server.handler.rcpt_replies["grey@example.org"]
+        del smtpd.handler.rcpt_replies["grey@example.org"]
         retry = claim_one(schedule, time.time() + 5)
         second = delivery.run(retry.task, retry.id, retry.kwargs)
 
         assert second["status"] == "sent"
         assert second["accepted"] == ["grey@example.org"]
-        assert copies_per_recipient(server) == {"ok@example.org": 1, "grey@example.org": 1}
-        ids = {m.parsed()["Message-ID"] for m in server.handler.messages}
+        assert smtpd.handler.copies() == {"ok@example.org": 1, "grey@example.org": 1}
+        ids = {m.parsed()["Message-ID"] for m in smtpd.handler.messages}
         assert ids == {first["message_id"]}
         assert len(dlq.list()) == 1
         assert schedule.pending() == 0
@@ -604,14 +530,14 @@ class TestMixedRecipients:
     def test_no_recipient_accepted_splits_deferred_and_rejected(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         dlq: DeadLetterStore,
     ) -> None:
         """Every recipient refused, one 451 and one 550: the 550 is dead-lettered, the
         451 alone is retried, and the result says "deferred"."""
-        server.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
-        server.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
+        smtpd.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
 
         result = delivery.run(
             SEND_MAIL, "task-none", mail(to=["grey@example.org", "bad@example.org"])
@@ -619,16 +545,16 @@ class TestMixedRecipients:
 
         assert result["status"] == "deferred"
         assert only_record(dlq).recipients == ["bad@example.org"]
-        del server.handler.rcpt_replies["grey@example.org"]
+        del smtpd.handler.rcpt_replies["grey@example.org"]
         retry = claim_one(schedule, time.time() + 5)
         assert delivery.run(retry.task, retry.id, retry.kwargs)["status"] == "sent"
-        assert copies_per_recipient(server) == {"grey@example.org": 1}
+        assert smtpd.handler.copies() == {"grey@example.org": 1}
 
 
 class TestOnce:
     """Idempotency, the per-message lock and the poison guard."""
 
-    def test_same_task_twice_sends_once(self, delivery: Delivery, server: SMTPServer) -> None:
+    def test_same_task_twice_sends_once(self, delivery: Delivery, smtpd: SMTPServer) -> None:
         """A redelivered task (same id) after a successful send returns the recorded
         result marked duplicate and sends nothing."""
         first = delivery.run(SEND_MAIL, "task-twice", mail())
@@ -637,19 +563,19 @@ class TestOnce:
         assert second["duplicate"] is True
         assert second["message_id"] == first["message_id"]
         assert second["status"] == "sent"
-        assert len(server.handler.messages) == 1
+        assert len(smtpd.handler.messages) == 1
 
-    def test_same_idempotency_key_sends_once(self, delivery: Delivery, server: SMTPServer) -> None:
+    def test_same_idempotency_key_sends_once(self, delivery: Delivery, smtpd: SMTPServer) -> None:
         """Two tasks with one idempotency_key are one message."""
         kwargs = mail(idempotency_key="order-42-receipt")
         delivery.run(SEND_MAIL, "task-key-a", kwargs)
         second = delivery.run(SEND_MAIL, "task-key-b", kwargs)
 
         assert second["duplicate"] is True
-        assert len(server.handler.messages) == 1
+        assert len(smtpd.handler.messages) == 1
 
     def test_copy_sent_in_the_kill_window_keeps_its_message_id(
-        self, delivery: Delivery, server: SMTPServer, redis_client: redis.Redis
+        self, delivery: Delivery, smtpd: SMTPServer, redis_client: redis.Redis
     ) -> None:
         """A task redelivered after its worker died between the server's 250 and the
         idempotency record (the one documented duplicate) sends the same Message-ID,
@@ -659,13 +585,13 @@ class TestOnce:
 
         delivery.run(SEND_MAIL, "task-window", mail())
 
-        copies = [m.parsed()["Message-ID"] for m in server.handler.wait_for_messages(2)]
+        copies = [m.parsed()["Message-ID"] for m in smtpd.handler.wait_for_messages(2)]
         assert copies[0] == copies[1], f"the duplicate got a new Message-ID: {copies}"
 
     def test_locked_message_is_deferred_not_sent(
         self,
         make_delivery: Callable[..., Delivery],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         redis_client: redis.Redis,
     ) -> None:
@@ -683,18 +609,18 @@ class TestOnce:
         assert result["reason"] == "locked"
         assert schedule.pending() == 1
         assert schedule.next_due() == clock.now + (delivery.settings.task_time_limit + 2)
-        assert server.handler.counts["connections"] == 0
+        assert smtpd.handler.counts["connections"] == 0
 
         ledger.release("task-locked", token)
         clock.now += delivery.settings.task_time_limit + 2
         retry = claim_one(schedule, clock.now)
         assert delivery.run(retry.task, retry.id, retry.kwargs)["status"] == "sent"
-        assert len(server.handler.wait_for_messages(1)) == 1
+        assert len(smtpd.handler.wait_for_messages(1)) == 1
 
     def test_poison_message_is_dead_lettered_without_sending(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         dlq: DeadLetterStore,
         redis_client: redis.Redis,
     ) -> None:
@@ -710,16 +636,16 @@ class TestOnce:
         assert record.reason == "poison"
         assert record.task_id == "task-poison"
         assert payload_of(record) == mail()
-        assert server.handler.counts["connections"] == 0
+        assert smtpd.handler.counts["connections"] == 0
 
     def test_redelivery_below_the_poison_limit_still_sends(
-        self, delivery: Delivery, server: SMTPServer, redis_client: redis.Redis
+        self, delivery: Delivery, smtpd: SMTPServer, redis_client: redis.Redis
     ) -> None:
         """The last allowed redelivery (start number 1 + max_redeliveries) runs normally."""
         redis_client.set(keys.runs("task-almost"), delivery.settings.max_redeliveries)
 
         assert delivery.run(SEND_MAIL, "task-almost", mail())["status"] == "sent"
-        assert len(server.handler.wait_for_messages(1)) == 1
+        assert len(smtpd.handler.wait_for_messages(1)) == 1
 
 
 class TestLogs:
@@ -744,10 +670,10 @@ class TestLogs:
         assert set(by_name) == {"mail.sent", "mail.deferred", "mail.dead_lettered"}
         return by_name, [sent, deferred], events
 
-    def test_terminal_events_carry_the_story(self, delivery: Delivery, server: SMTPServer) -> None:
+    def test_terminal_events_carry_the_story(self, delivery: Delivery, smtpd: SMTPServer) -> None:
         """mail.sent, mail.deferred and mail.dead_lettered each carry message_id, task_id,
         profile, attempt, duration_ms, the server's reply and a C:/S: transcript."""
-        by_name, (sent, deferred), events = self.three_outcomes(delivery, server)
+        by_name, (sent, deferred), events = self.three_outcomes(delivery, smtpd)
 
         for event in by_name.values():
             check_terminal_event(event)
@@ -757,7 +683,7 @@ class TestLogs:
         assert ok["task_id"] == "task-log-sent"
         assert ok["message_id"] == sent["message_id"]
         assert ok["reply"] == sent["reply"]
-        assert ok["queue_id"] == server.handler.messages[0].queue_id
+        assert ok["queue_id"] == smtpd.handler.messages[0].queue_id
         assert "S: " + sent["reply"] in ok["transcript"]
 
         later = by_name["mail.deferred"]
@@ -779,11 +705,11 @@ class TestLogs:
         assert connected[0]["auth_mechanism"] == "PLAIN"
 
     def test_terminal_event_reply_starts_with_the_code(
-        self, delivery: Delivery, server: SMTPServer
+        self, delivery: Delivery, smtpd: SMTPServer
     ) -> None:
         """The ``reply`` of every terminal event is the server's reply as said, code
         first ("451 4.7.1 greylisted"), so operators can filter on it."""
-        by_name, _, _ = self.three_outcomes(delivery, server)
+        by_name, _, _ = self.three_outcomes(delivery, smtpd)
 
         replies = {name: event["reply"] for name, event in by_name.items()}
         assert replies["mail.sent"].startswith("250 ")
@@ -791,7 +717,7 @@ class TestLogs:
         assert replies["mail.dead_lettered"] == "550 5.1.1 no such user", replies
 
     def test_auth_line_is_redacted_in_logs_and_records(
-        self, delivery: Delivery, server: SMTPServer, dlq: DeadLetterStore
+        self, delivery: Delivery, smtpd: SMTPServer, dlq: DeadLetterStore
     ) -> None:
         """An AUTH failure is dead-lettered with its transcript, whose AUTH line shows
         "****": neither the password nor its base64 appear in events or the record."""
@@ -810,5 +736,5 @@ class TestLogs:
         assert record.reason == "permanent"
         assert record.code == 535
         assert "C: AUTH PLAIN ****" in record.transcript
-        assert server.handler.counts["auth_attempts"] == 1
-        assert server.handler.counts["MAIL"] == 0
+        assert smtpd.handler.counts["auth_attempts"] == 1
+        assert smtpd.handler.counts["MAIL"] == 0

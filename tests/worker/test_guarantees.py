@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule, ScheduledTask
 from mailworker.worker.app import configure
 from mailworker.worker.delivery import Delivery
-from mailworker.worker.sessions import SessionPool
 from mailworker.worker.settings import Settings
 from tests.servers import (
     DEFAULT_TOKEN,
@@ -44,22 +43,16 @@ from tests.servers import (
     ScriptedServer,
     SMTPServer,
     TLSMaterials,
+    smtp_url,
 )
-from tests.worker_process import smtp_url
+
+# The server under test (``smtpd``) takes no options: clear text without AUTH, which is
+# fast; the guarantees are not about TLS.
 
 SENDER = "app@example.com"
 RCPT = "ann@example.org"
 #: An ASCII message for the SMTP-level tests.
 MESSAGE = b"From: app@example.com\r\nTo: ann@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
-#: The settings every Delivery starts from, as a worker would read them.
-BASE_ENV = {
-    "MAILWORKER_DEFAULT_FROM": f"App <{SENDER}>",
-    "MAILWORKER_RETRY_DELAYS": "1,1,2",
-    "MAILWORKER_RETRY_JITTER": "0",
-    "MAILWORKER_MAX_AGE": "60",
-    "MAILWORKER_VISIBILITY_TIMEOUT": "10",
-    "MAILWORKER_TASK_TIME_LIMIT": "4",
-}
 #: Text a failing OAuth token provider puts in its exception; it must never surface.
 TOKEN_TEXT = "ya29.leaked-refresh-token-5f1e"
 
@@ -97,11 +90,6 @@ def claim_one(schedule: RetrySchedule) -> ScheduledTask:
     return tasks[0]
 
 
-def copies(server: SMTPServer) -> Counter[str]:
-    """Accepted copies per envelope recipient."""
-    return Counter(r for m in list(server.handler.messages) for r in m.rcpt_tos)
-
-
 def message_ids(server: SMTPServer) -> list[str]:
     """The Message-ID of every accepted copy, oldest first."""
     return [str(m.parsed()["Message-ID"]) for m in list(server.handler.messages)]
@@ -117,64 +105,14 @@ def profile_for(port: int, **options: Any) -> Profile:
     return Profile.from_url(smtp_url(port, scheme="smtp", **options))
 
 
-@pytest.fixture
-def server(smtp_server: SMTPFactory) -> SMTPServer:
-    """A clear-text SMTP server without AUTH (fast: the guarantees are not about TLS)."""
-    return smtp_server()
-
-
-@pytest.fixture
-def not_pem(tmp_path: Path) -> Path:
-    """A file that exists but holds no PEM certificate."""
-    path = tmp_path / "not-a-ca.pem"
-    path.write_text("this is not a certificate\n")
-    return path
-
-
-@pytest.fixture
-def make_delivery(
-    server: SMTPServer, redis_client: redis.Redis, redis_url: str, not_pem: Path
-) -> Iterator[Callable[..., Delivery]]:
-    """Factory: ``make_delivery(timeout=5, **env)`` -> a Delivery configured like a worker.
-
-    Profiles: ``default`` (clear text to ``server``, every stage timing out after
-    ``timeout`` seconds) and ``badca`` (STARTTLS with a ``ca_file`` that is not PEM).
-    """
-    made: list[Delivery] = []
-
-    def create(timeout: float = 5, **env: str) -> Delivery:
-        environ = {
-            **BASE_ENV,
-            "MAILWORKER_BROKER_URL": redis_url,
-            "MAILWORKER_SMTP_URL": smtp_url(server.port, scheme="smtp", timeout=timeout),
-            "MAILWORKER_SMTP_URL_BADCA": smtp_url(server.port, ca_file=not_pem, timeout=5),
-            **env,
-        }
-        settings = Settings.from_env(environ)
-        pool = SessionPool(lambda name: Profile.from_env(name, environ))
-        delivery = Delivery(settings, redis_client, pool)
-        made.append(delivery)
-        return delivery
-
-    yield create
-    for delivery in made:
-        delivery.pool.close_all()
-
-
-@pytest.fixture
-def delivery(make_delivery: Callable[..., Delivery]) -> Delivery:
-    """A Delivery with the base settings."""
-    return make_delivery()
-
-
 class TestInDoubt:
     """A message sent in full whose verdict never came is not sent again at once."""
 
-    def test_lost_reply_to_the_final_dot_is_in_doubt(self, server: SMTPServer) -> None:
+    def test_lost_reply_to_the_final_dot_is_in_doubt(self, smtpd: SMTPServer) -> None:
         """The server records the message but answers the final dot too late: the send
         fails with a timeout marked in_doubt, and the server did get the message."""
-        server.handler.command_delays["DATA"] = 3
-        session = SMTPSession(profile_for(server.port, timeout=1))
+        smtpd.handler.command_delays["DATA"] = 3
+        session = SMTPSession(profile_for(smtpd.port, timeout=1))
 
         with pytest.raises(SMTPTimeoutError) as failure:
             session.send(SENDER, [RCPT], MESSAGE)
@@ -183,15 +121,15 @@ class TestInDoubt:
         assert failure.value.stage == "data"
         assert failure.value.is_transient
         assert failure.value.to_dict()["in_doubt"] is True
-        assert len(server.handler.messages) == 1
+        assert len(smtpd.handler.messages) == 1
 
     def test_in_doubt_message_waits_for_the_delayed_retry(
-        self, make_delivery: Callable[..., Delivery], server: SMTPServer, schedule: RetrySchedule
+        self, make_delivery: Callable[..., Delivery], smtpd: SMTPServer, schedule: RetrySchedule
     ) -> None:
         """Through Delivery the server gets exactly one copy (no in-process retry), the
         task result is "deferred" with a retry scheduled and an error marked in_doubt."""
         delivery = make_delivery(timeout=1)
-        server.handler.command_delays["DATA"] = 3
+        smtpd.handler.command_delays["DATA"] = 3
 
         result = delivery.run(SEND_MAIL, "task-in-doubt", mail())
 
@@ -199,17 +137,17 @@ class TestInDoubt:
         assert result["attempts"] == 1
         assert result["error"]["in_doubt"] is True
         assert result["error"]["stage"] == "data"
-        assert server.handler.counts["DATA"] == 1, "not sent again in-process"
-        assert copies(server) == {RCPT: 1}
+        assert smtpd.handler.counts["DATA"] == 1, "not sent again in-process"
+        assert smtpd.handler.copies() == {RCPT: 1}
         assert schedule.pending() == 1
 
     def test_deferred_event_says_the_message_may_have_arrived(
-        self, make_delivery: Callable[..., Delivery], server: SMTPServer, schedule: RetrySchedule
+        self, make_delivery: Callable[..., Delivery], smtpd: SMTPServer, schedule: RetrySchedule
     ) -> None:
         """The mail.deferred log line and the scheduled retry's history tell the operator
         that the deferred message may already have been delivered (in doubt)."""
         delivery = make_delivery(timeout=1)
-        server.handler.command_delays["DATA"] = 3
+        smtpd.handler.command_delays["DATA"] = 3
 
         with capture_logs() as events:
             delivery.run(SEND_MAIL, "task-in-doubt-log", mail())
@@ -220,10 +158,10 @@ class TestInDoubt:
         history = claim_one(schedule).kwargs["_meta"]["history"]
         assert "doubt" in str(history[-1]["error"]), history
 
-    def test_4xx_to_the_final_dot_is_not_in_doubt(self, server: SMTPServer) -> None:
+    def test_4xx_to_the_final_dot_is_not_in_doubt(self, smtpd: SMTPServer) -> None:
         """A 451 reply to the final dot is a clear verdict: not in doubt."""
-        server.handler.data_reply_once = "451 4.3.0 try again"
-        session = SMTPSession(profile_for(server.port, timeout=5))
+        smtpd.handler.data_reply_once = "451 4.3.0 try again"
+        session = SMTPSession(profile_for(smtpd.port, timeout=5))
 
         with pytest.raises(SMTPReplyError) as failure:
             session.send(SENDER, [RCPT], MESSAGE)
@@ -233,17 +171,17 @@ class TestInDoubt:
         assert failure.value.in_doubt is False
 
     def test_4xx_to_the_final_dot_is_retried_in_process(
-        self, delivery: Delivery, server: SMTPServer, schedule: RetrySchedule
+        self, delivery: Delivery, smtpd: SMTPServer, schedule: RetrySchedule
     ) -> None:
         """One 451 to the final dot: sent again at once, one accepted copy, no retry."""
-        server.handler.data_reply_once = "451 4.3.0 try again"
+        smtpd.handler.data_reply_once = "451 4.3.0 try again"
 
         result = delivery.run(SEND_MAIL, "task-451-dot", mail())
 
         assert result["status"] == "sent"
         assert result["attempts"] == 2
-        assert copies(server) == {RCPT: 1}
-        assert len(server.handler.rejected) == 1
+        assert smtpd.handler.copies() == {RCPT: 1}
+        assert len(smtpd.handler.rejected) == 1
         assert schedule.pending() == 0
 
 
@@ -253,7 +191,7 @@ class TestUnexpectedErrors:
     def test_error_while_preparing_schedules_a_retry(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
@@ -269,15 +207,15 @@ class TestUnexpectedErrors:
         [error] = events_named(events, "mail.error")
         assert error["error_type"] == "RuntimeError"
         assert error["task_id"] == "task-bug-prepare"
-        assert server.handler.counts["connections"] == 0
+        assert smtpd.handler.counts["connections"] == 0
         retry = claim_one(schedule)
         assert delivery.run(retry.task, retry.id, retry.kwargs)["status"] == "sent"
-        assert copies(server) == {RCPT: 1}
+        assert smtpd.handler.copies() == {RCPT: 1}
 
     def test_error_in_the_session_schedules_a_retry(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
@@ -293,12 +231,12 @@ class TestUnexpectedErrors:
         retry = claim_one(schedule)
         sent = delivery.run(retry.task, retry.id, retry.kwargs)
         assert sent["status"] == "sent"
-        assert message_ids(server) == [result["message_id"]]
+        assert message_ids(smtpd) == [result["message_id"]]
 
     def test_ca_file_that_is_not_pem_is_a_permanent_tls_error(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         dlq: DeadLetterStore,
         schedule: RetrySchedule,
         not_pem: Path,
@@ -315,14 +253,14 @@ class TestUnexpectedErrors:
         assert "Traceback" not in record.error["message"]
         assert record.error["transient"] is False
         assert schedule.pending() == 0
-        assert server.handler.counts["connections"] == 0
+        assert smtpd.handler.counts["connections"] == 0
 
 
 class TestRedisTrouble:
     """Redis failing right after the server's 250 does not send the message twice."""
 
     def test_unrecorded_acceptance_still_reports_sent(
-        self, delivery: Delivery, server: SMTPServer, monkeypatch: pytest.MonkeyPatch
+        self, delivery: Delivery, smtpd: SMTPServer, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The idempotency record cannot be written: the result is still "sent" (marked
         idempotency_recorded False), mail.idempotency_unrecorded is logged, one copy."""
@@ -340,7 +278,7 @@ class TestRedisTrouble:
         [unrecorded] = events_named(events, "mail.idempotency_unrecorded")
         assert "ConnectionError" in unrecorded["error"]
         assert len(events_named(events, "mail.sent")) == 1
-        assert copies(server) == {RCPT: 1}
+        assert smtpd.handler.copies() == {RCPT: 1}
 
 
 class TestFollowUp:
@@ -350,12 +288,12 @@ class TestFollowUp:
 
     @pytest.fixture
     def interrupted(
-        self, delivery: Delivery, server: SMTPServer, monkeypatch: pytest.MonkeyPatch
+        self, delivery: Delivery, smtpd: SMTPServer, monkeypatch: pytest.MonkeyPatch
     ) -> dict[str, Any]:
         """Send to ok@ (accepted), grey@ (451 always) and bad@ (550) while Redis fails the
         first scheduling of the follow-up; returns the task's kwargs."""
-        server.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
-        server.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
+        smtpd.handler.rcpt_replies["grey@example.org"] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
         fail_once(monkeypatch, delivery.schedule, "add", redis.ConnectionError("blip"))
         kwargs = mail(to=list(self.RECIPIENTS))
         with pytest.raises(redis.ConnectionError):
@@ -365,21 +303,21 @@ class TestFollowUp:
     def test_redelivery_redoes_the_follow_up_without_sending(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         dlq: DeadLetterStore,
         interrupted: dict[str, Any],
     ) -> None:
         """The interrupted run hands the task back; its redelivery sends nothing more but
         schedules grey@'s retry and dead-letters bad@; a third run does neither again."""
-        assert copies(server) == {"ok@example.org": 1}
+        assert smtpd.handler.copies() == {"ok@example.org": 1}
         assert schedule.pending() == 0
         assert dlq.count() == 0
 
         again = delivery.run(SEND_MAIL, "task-partial", interrupted)
 
         assert again["duplicate"] is True
-        assert copies(server) == {"ok@example.org": 1}
+        assert smtpd.handler.copies() == {"ok@example.org": 1}
         assert schedule.pending() == 1
         [record] = dlq.list()
         assert record.reason == "permanent"
@@ -391,13 +329,13 @@ class TestFollowUp:
         assert third["follow_up_done"] is True
         assert schedule.pending() == 1
         assert dlq.count() == 1
-        assert copies(server) == {"ok@example.org": 1}
+        assert smtpd.handler.copies() == {"ok@example.org": 1}
         assert claim_one(schedule).kwargs["_meta"]["recipients"] == ["grey@example.org"]
 
     def test_redone_follow_up_keeps_the_message_id_and_date(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         dlq: DeadLetterStore,
         interrupted: dict[str, Any],
@@ -406,13 +344,13 @@ class TestFollowUp:
         and bad@'s dead letter keeps that Message-ID for a `dlq retry`: one message."""
         time.sleep(1.05)  # a Date built anew by the redelivery would differ
         delivery.run(SEND_MAIL, "task-partial", interrupted)
-        del server.handler.rcpt_replies["grey@example.org"]
+        del smtpd.handler.rcpt_replies["grey@example.org"]
         retry = claim_one(schedule)
 
         sent = delivery.run(retry.task, retry.id, retry.kwargs)
 
         assert sent["accepted"] == ["grey@example.org"]
-        ok_copy, grey_copy = (m.parsed() for m in server.handler.wait_for_messages(2))
+        ok_copy, grey_copy = (m.parsed() for m in smtpd.handler.wait_for_messages(2))
         [record] = dlq.list()
         want = {"Message-ID": ok_copy["Message-ID"], "Date": ok_copy["Date"]}
         assert {
@@ -430,7 +368,7 @@ class TestMessageID:
     """The Message-ID is fixed per message: by its key and the task that first carried it."""
 
     def test_reused_key_gets_a_new_message_id(
-        self, delivery: Delivery, server: SMTPServer, redis_client: redis.Redis
+        self, delivery: Delivery, smtpd: SMTPServer, redis_client: redis.Redis
     ) -> None:
         """An idempotency_key reused by another task after the first message's record
         expired gives the new message its own Message-ID."""
@@ -440,12 +378,12 @@ class TestMessageID:
         second = delivery.run(SEND_MAIL, "task-key-2", mail(idempotency_key="receipt-7"))
 
         assert second["status"] == "sent"
-        assert "duplicate" not in second
+        assert second["duplicate"] is False
         assert first["message_id"] != second["message_id"]
-        assert message_ids(server) == [first["message_id"], second["message_id"]]
+        assert message_ids(smtpd) == [first["message_id"], second["message_id"]]
 
     def test_redelivered_task_repeats_its_message_id(
-        self, delivery: Delivery, server: SMTPServer, redis_client: redis.Redis
+        self, delivery: Delivery, smtpd: SMTPServer, redis_client: redis.Redis
     ) -> None:
         """The same task run again after its sent record was lost sends the same
         Message-ID, so the duplicate can be recognised."""
@@ -454,15 +392,15 @@ class TestMessageID:
 
         delivery.run(SEND_MAIL, "task-again", mail())
 
-        first, second = message_ids(server)
+        first, second = message_ids(smtpd)
         assert first == second
 
     def test_delayed_retry_keeps_the_message_id(
-        self, delivery: Delivery, server: SMTPServer, schedule: RetrySchedule
+        self, delivery: Delivery, smtpd: SMTPServer, schedule: RetrySchedule
     ) -> None:
         """A message deferred once (451 to RCPT) arrives through its retry, a different
         task, with the Message-ID of the first attempt."""
-        server.handler.rcpt_replies_once[RCPT] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies_once[RCPT] = "451 4.7.1 greylisted"
         deferred = delivery.run(SEND_MAIL, "task-later", mail())
         retry = claim_one(schedule)
 
@@ -470,7 +408,7 @@ class TestMessageID:
 
         assert deferred["status"] == "deferred"
         assert sent["message_id"] == deferred["message_id"]
-        assert message_ids(server) == [deferred["message_id"]]
+        assert message_ids(smtpd) == [deferred["message_id"]]
 
 
 class TestPoison:
@@ -479,7 +417,7 @@ class TestPoison:
     def test_sent_message_over_the_start_limit_is_a_duplicate(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         dlq: DeadLetterStore,
         redis_client: redis.Redis,
     ) -> None:
@@ -493,16 +431,16 @@ class TestPoison:
         assert result["status"] == "sent"
         assert result["duplicate"] is True
         assert dlq.count() == 0
-        assert copies(server) == {RCPT: 1}
+        assert smtpd.handler.copies() == {RCPT: 1}
 
 
 class TestDeadline:
     """A send ends by its deadline, however long the profile's timeouts are."""
 
-    def test_slow_greeting_ends_at_the_deadline(self, server: SMTPServer) -> None:
+    def test_slow_greeting_ends_at_the_deadline(self, smtpd: SMTPServer) -> None:
         """Every reply 3 s late, timeouts 30 s, deadline in 0.5 s: a timeout in ~0.5 s."""
-        server.handler.reply_delay = 3
-        session = SMTPSession(profile_for(server.port, timeout=30))
+        smtpd.handler.reply_delay = 3
+        session = SMTPSession(profile_for(smtpd.port, timeout=30))
 
         started = time.monotonic()
         with pytest.raises(SMTPTimeoutError):
@@ -510,14 +448,14 @@ class TestDeadline:
         elapsed = time.monotonic() - started
 
         assert 0.4 < elapsed < 2.0, elapsed
-        assert server.handler.counts["MAIL"] == 0
+        assert smtpd.handler.counts["MAIL"] == 0
 
-    def test_slow_reply_in_the_transaction_ends_at_the_deadline(self, server: SMTPServer) -> None:
+    def test_slow_reply_in_the_transaction_ends_at_the_deadline(self, smtpd: SMTPServer) -> None:
         """A held session whose server answers MAIL 5 s late times out at the 0.5 s
         deadline, not after the 30 s MAIL timeout."""
-        session = SMTPSession(profile_for(server.port, timeout=30))
+        session = SMTPSession(profile_for(smtpd.port, timeout=30))
         session.connect()
-        server.handler.command_delays["MAIL"] = 5
+        smtpd.handler.command_delays["MAIL"] = 5
 
         started = time.monotonic()
         with pytest.raises(SMTPTimeoutError) as failure:
@@ -527,41 +465,41 @@ class TestDeadline:
         assert elapsed < 2.0, elapsed
         assert failure.value.stage == "mail"
         assert failure.value.in_doubt is False
-        assert server.handler.messages == []
+        assert smtpd.handler.messages == []
 
-    def test_passed_deadline_fails_at_once_without_connecting(self, server: SMTPServer) -> None:
+    def test_passed_deadline_fails_at_once_without_connecting(self, smtpd: SMTPServer) -> None:
         """A deadline already passed: a timeout at once, no connection made."""
-        session = SMTPSession(profile_for(server.port, timeout=30))
+        session = SMTPSession(profile_for(smtpd.port, timeout=30))
 
         started = time.monotonic()
         with pytest.raises(SMTPTimeoutError):
             session.send(SENDER, [RCPT], MESSAGE, deadline=time.monotonic() - 1)
 
         assert time.monotonic() - started < 0.5
-        assert server.handler.counts["connections"] == 0
+        assert smtpd.handler.counts["connections"] == 0
 
-    def test_passed_deadline_on_a_held_session_sends_nothing(self, server: SMTPServer) -> None:
+    def test_passed_deadline_on_a_held_session_sends_nothing(self, smtpd: SMTPServer) -> None:
         """On an open session, a passed deadline fails before MAIL: nothing more is sent."""
-        session = SMTPSession(profile_for(server.port, timeout=30))
+        session = SMTPSession(profile_for(smtpd.port, timeout=30))
         session.send(SENDER, [RCPT], MESSAGE)
 
         with pytest.raises(SMTPTimeoutError):
             session.send(SENDER, [RCPT], MESSAGE, deadline=time.monotonic() - 1)
         session.close()
 
-        assert server.handler.counts["MAIL"] == 1
-        assert len(server.handler.messages) == 1
+        assert smtpd.handler.counts["MAIL"] == 1
+        assert len(smtpd.handler.messages) == 1
 
     def test_slow_server_is_deferred_within_the_task_time_limit(
         self,
         make_delivery: Callable[..., Delivery],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
     ) -> None:
         """MAILWORKER_TASK_TIME_LIMIT=2 and a server answering MAIL 5 s late (timeouts
         30 s): Delivery returns "deferred" with a retry scheduled before the 2 s limit."""
         delivery = make_delivery(timeout=30, MAILWORKER_TASK_TIME_LIMIT="2")
-        server.handler.command_delays["MAIL"] = 5
+        smtpd.handler.command_delays["MAIL"] = 5
 
         started = time.monotonic()
         result = delivery.run(SEND_MAIL, "task-slow", mail())
@@ -569,7 +507,7 @@ class TestDeadline:
 
         assert result["status"] == "deferred"
         assert schedule.pending() == 1
-        assert server.handler.messages == []
+        assert smtpd.handler.messages == []
         assert elapsed < 2.0, f"took {elapsed:.2f} s, past the task's 2 s time limit"
 
 
@@ -647,11 +585,11 @@ class TestSMTPUTF8:
     ).encode()
 
     def test_utf8_header_without_smtputf8_is_refused_before_sending(
-        self, server: SMTPServer
+        self, smtpd: SMTPServer
     ) -> None:
         """A server without SMTPUTF8: a permanent SMTPNotSupportedError, no MAIL sent."""
-        server.handler.ehlo_remove = {"SMTPUTF8"}
-        session = SMTPSession(profile_for(server.port, timeout=5))
+        smtpd.handler.ehlo_remove = {"SMTPUTF8"}
+        session = SMTPSession(profile_for(smtpd.port, timeout=5))
 
         with pytest.raises(SMTPNotSupportedError) as failure:
             session.send(SENDER, [RCPT], self.UTF8_HEADERS)
@@ -659,26 +597,26 @@ class TestSMTPUTF8:
 
         assert not failure.value.is_transient
         assert "SMTPUTF8" in str(failure.value)
-        assert server.handler.counts["MAIL"] == 0
-        assert server.handler.messages == []
+        assert smtpd.handler.counts["MAIL"] == 0
+        assert smtpd.handler.messages == []
 
-    def test_utf8_header_with_smtputf8_arrives_unchanged(self, server: SMTPServer) -> None:
+    def test_utf8_header_with_smtputf8_arrives_unchanged(self, smtpd: SMTPServer) -> None:
         """A server offering SMTPUTF8: MAIL carries SMTPUTF8 and the bytes arrive as sent."""
-        with SMTPSession(profile_for(server.port, timeout=5)) as session:
+        with SMTPSession(profile_for(smtpd.port, timeout=5)) as session:
             session.send(SENDER, [RCPT], self.UTF8_HEADERS)
 
-        [received] = server.handler.wait_for_messages(1)
+        [received] = smtpd.handler.wait_for_messages(1)
         assert "SMTPUTF8" in received.mail_options
         assert received.content == self.UTF8_HEADERS
 
-    def test_utf8_in_the_body_alone_does_not_need_smtputf8(self, server: SMTPServer) -> None:
+    def test_utf8_in_the_body_alone_does_not_need_smtputf8(self, smtpd: SMTPServer) -> None:
         """ASCII headers and a UTF-8 body go to a server without SMTPUTF8 (8BITMIME only)."""
-        server.handler.ehlo_remove = {"SMTPUTF8"}
+        smtpd.handler.ehlo_remove = {"SMTPUTF8"}
         message = b"From: app@example.com\r\nSubject: hi\r\n\r\n" + "Grüße\r\n".encode()
-        with SMTPSession(profile_for(server.port, timeout=5)) as session:
+        with SMTPSession(profile_for(smtpd.port, timeout=5)) as session:
             session.send(SENDER, [RCPT], message)
 
-        [received] = server.handler.wait_for_messages(1)
+        [received] = smtpd.handler.wait_for_messages(1)
         assert "SMTPUTF8" not in received.mail_options
         assert "BODY=8BITMIME" in received.mail_options
         assert received.content == message
@@ -793,31 +731,22 @@ class TestHalfSetUpSession:
 class TestNoResendAfterAcceptance:
     def test_interrupt_after_the_250_does_not_send_again(
         self,
-        server: SMTPServer,
-        redis_client: redis.Redis,
-        redis_url: str,
+        make_delivery: Callable[..., Delivery],
+        smtpd: SMTPServer,
         schedule: RetrySchedule,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A time limit that strikes while the acceptance is being recorded neither
         schedules the message again nor loses the result: one copy, status sent."""
-        environ = {
-            **BASE_ENV,
-            "MAILWORKER_BROKER_URL": redis_url,
-            "MAILWORKER_SMTP_URL": smtp_url(server.port, scheme="smtp"),
-        }
-        pool = SessionPool(lambda name: Profile.from_env(name, environ))
-        delivery = Delivery(
-            Settings.from_env(environ), redis_client, pool, interrupts=(_Interrupt,)
-        )
+        delivery = make_delivery(interrupts=(_Interrupt,))
         fail_once(monkeypatch, delivery.ledger, "record_sent", _Interrupt("soft time limit"))
 
         result = delivery.run(SEND_MAIL, "task-interrupted", mail())
-        pool.close_all()
+        delivery.pool.close_all()
 
         assert result["status"] == "sent"
         assert result["idempotency_recorded"] is False
-        assert copies(server) == Counter({RCPT: 1})
+        assert smtpd.handler.copies() == Counter({RCPT: 1})
         assert schedule.pending() == 0
 
 
@@ -825,7 +754,7 @@ class TestPoisonPerMessage:
     def test_lock_deferrals_count_towards_poison(
         self,
         delivery: Delivery,
-        server: SMTPServer,
+        smtpd: SMTPServer,
         redis_client: redis.Redis,
         schedule: RetrySchedule,
         dlq: DeadLetterStore,
@@ -851,7 +780,7 @@ class TestPoisonPerMessage:
             assert running == f"{origin}/locked"
         [record] = dlq.list()
         assert record.reason == "poison"
-        assert server.handler.messages == []
+        assert smtpd.handler.messages == []
 
 
 class TestEarlyRefusalOverTLS:

@@ -5,8 +5,7 @@ alike; nothing lands in Celery's default "celery" queue, which nobody consumes h
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,15 +14,8 @@ import redis
 from mailworker.queue.names import route_options
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.worker.tasks import send_mail
-from tests.servers import SMTPServer
-from tests.worker_process import (
-    WorkerProcess,
-    mailworker_executable,
-    producer,
-    smtp_url,
-    wait_for,
-    worker_env,
-)
+from tests.servers import SMTPServer, wait_for
+from tests.worker_process import WorkerProcess, mailworker_executable, producer
 
 pytestmark = pytest.mark.slow
 
@@ -47,27 +39,9 @@ def delivered_or_misrouted(server: SMTPServer, client: redis.Redis, count: int) 
 
 
 @pytest.fixture
-def server(smtp_server: Callable[..., SMTPServer]) -> SMTPServer:
-    """A clear-text SMTP server (the test is about queues, not TLS)."""
-    return smtp_server()
-
-
-@pytest.fixture
-def env(redis_url: str, server: SMTPServer) -> dict[str, str]:
-    """The worker's environment: broker = the test's Redis database, one profile."""
-    return worker_env(redis_url, {"default": smtp_url(server.port, scheme="smtp", timeout=5)})
-
-
-@pytest.fixture
-def mail_worker(env: dict[str, str], tmp_path: Path) -> Iterator[WorkerProcess]:
+def mail_worker(env: dict[str, str], start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
     """A worker consuming only the "mail" queue; killed after the test if still running."""
-    worker = WorkerProcess(
-        env, tmp_path / "worker.log", concurrency=1, extra_args=("--queues", QUEUE)
-    )
-    worker.start()
-    yield worker
-    if worker.running:
-        worker.kill()
+    return start_worker(env, concurrency=1, extra_args=("--queues", QUEUE))
 
 
 def publish_to_mail_queue(**kwargs: Any) -> Any:
@@ -81,17 +55,17 @@ class TestQueues:
     def test_delayed_retry_returns_to_the_mail_queue(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         mail_worker: WorkerProcess,
         redis_client: redis.Redis,
     ) -> None:
         """A message from the "mail" queue greylisted once is retried through the "mail"
         queue and delivered by the worker consuming it; the default queue stays empty."""
-        server.handler.rcpt_replies_once["grey@example.org"] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies_once["grey@example.org"] = "451 4.7.1 greylisted"
         with producer(env):
             first = publish_to_mail_queue(to="grey@example.org", subject="greylisted")
             wait_for(
-                lambda: delivered_or_misrouted(server, redis_client, 1),
+                lambda: delivered_or_misrouted(smtpd, redis_client, 1),
                 20,
                 "the retry to be delivered",
             )
@@ -103,26 +77,26 @@ class TestQueues:
         [sent] = mail_worker.events("mail.sent")
         assert deferred["task_id"] == first.id
         assert sent["task_id"] == deferred["retry_task_id"], "delivered by the retry task"
-        assert [m.rcpt_tos for m in server.handler.messages] == [("grey@example.org",)]
+        assert [m.rcpt_tos for m in smtpd.handler.messages] == [("grey@example.org",)]
         assert redis_client.llen("celery") == 0
 
     def test_dlq_retry_publishes_to_the_original_queue(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         mail_worker: WorkerProcess,
         redis_client: redis.Redis,
         dlq: DeadLetterStore,
     ) -> None:
         """A dead letter of a message from the "mail" queue, re-queued with
         `mailworker dlq retry`, goes back to "mail" and the worker delivers it."""
-        server.handler.rcpt_replies["moved@example.org"] = "550 5.1.1 mailbox moved"
+        smtpd.handler.rcpt_replies["moved@example.org"] = "550 5.1.1 mailbox moved"
         with producer(env):
             publish_to_mail_queue(to="moved@example.org", subject="second chance")
             wait_for(lambda: dlq.count() == 1, 15, "the dead letter")
         [record] = dlq.list()
         assert record.kwargs["_meta"]["queue"] == QUEUE
-        del server.handler.rcpt_replies["moved@example.org"]
+        del smtpd.handler.rcpt_replies["moved@example.org"]
 
         subprocess.run(
             [mailworker_executable(), "dlq", "retry", "--all"],
@@ -134,12 +108,12 @@ class TestQueues:
         )
 
         wait_for(
-            lambda: delivered_or_misrouted(server, redis_client, 1),
+            lambda: delivered_or_misrouted(smtpd, redis_client, 1),
             15,
             "the re-queued message to be delivered",
         )
         assert default_queue_lists(redis_client) == {}, "dlq retry published to the default queue"
-        [message] = server.handler.messages
+        [message] = smtpd.handler.messages
         assert message.rcpt_tos == ("moved@example.org",)
         assert message.parsed()["Subject"] == "second chance"
         assert redis_client.llen("celery") == 0

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +21,26 @@ import redis
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule
 from mailworker.worker.tasks import send_mail
-from tests.servers import DEFAULT_USER, SMTPServer, TLSMaterials
+from tests.servers import DEFAULT_USER, WRONG_PASSWORD, SMTPServer, wait_for
 from tests.worker_process import (
     BASE_SETTINGS,
+    TERMINAL_FIELDS,
     WorkerProcess,
     json_lines,
     mailworker_executable,
     producer,
-    smtp_url,
-    wait_for,
-    worker_env,
 )
 
-pytestmark = pytest.mark.slow
-
-#: The server's password; it must never appear in any output of the worker.
+#: The server's password; it must never appear in any output of the worker (nor must
+#: WRONG_PASSWORD, profile "wrong").
 PASSWORD = "Wk-7f3a9c-pa55 w:rd/@?"
-#: A password the server refuses (profile "wrong"); it must not appear either.
-WRONG_PASSWORD = "Wrong-41d0e2-pa55word"
+#: The server under test (``smtpd``): STARTTLS with the test CA, AUTH with PASSWORD.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.smtpd_options(tls="starttls", auth=True, password=PASSWORD),
+]
 VISIBILITY_TIMEOUT = float(BASE_SETTINGS["MAILWORKER_VISIBILITY_TIMEOUT"])
 TASK_TIME_LIMIT = float(BASE_SETTINGS["MAILWORKER_TASK_TIME_LIMIT"])
-#: Fields every terminal event carries.
-TERMINAL_FIELDS = (
-    "message_id",
-    "task_id",
-    "profile",
-    "attempt",
-    "duration_ms",
-    "reply",
-    "transcript",
-)
 
 
 def publish(count: int, prefix: str) -> list[str]:
@@ -105,58 +95,13 @@ def _bytes(value: object) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-@pytest.fixture
-def server(smtp_server: Callable[..., SMTPServer]) -> SMTPServer:
-    """A STARTTLS server that requires AUTH with :data:`PASSWORD`."""
-    return smtp_server(tls="starttls", auth=True, password=PASSWORD)
-
-
-@pytest.fixture
-def env(redis_url: str, server: SMTPServer, tls_ca: TLSMaterials) -> dict[str, str]:
-    """The worker's environment: broker = the test's Redis database, profile ``default``
-    (PLAIN, right password) and ``wrong`` (LOGIN, wrong password), test CA, JSON logs.
-
-    ``max_messages`` is raised so that 200 messages fit one session per process.
-    """
-    common: dict[str, Any] = {
-        "user": DEFAULT_USER,
-        "ca_file": tls_ca.ca_file,
-        "max_messages": 1000,
-    }
-    return worker_env(
-        redis_url,
-        {
-            "default": smtp_url(server.port, password=PASSWORD, auth="PLAIN", **common),
-            "wrong": smtp_url(server.port, password=WRONG_PASSWORD, auth="LOGIN", **common),
-        },
-    )
-
-
-@pytest.fixture
-def start_worker(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Factory: ``start_worker(env, **options)`` starts a :class:`WorkerProcess` logging
-    to ``tmp_path/worker.log``; any still running after the test is killed."""
-    workers: list[WorkerProcess] = []
-
-    def start(env: dict[str, str], **options: Any) -> WorkerProcess:
-        options.setdefault("name", f"mw{len(workers)}")
-        worker = WorkerProcess(env, tmp_path / "worker.log", **options)
-        workers.append(worker)
-        return worker.start()
-
-    yield start
-    for worker in workers:
-        if worker.running:
-            worker.kill()
-
-
 class TestSessions:
     """One held-open session per worker process."""
 
     def test_200_messages_use_one_session_per_process(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
     ) -> None:
         """200 messages through 2 prefork processes: exactly 2 TLS sessions and 2 AUTHs
@@ -165,19 +110,19 @@ class TestSessions:
         with producer(env):
             started = time.monotonic()
             publish(200, "bulk")
-            server.handler.wait_for_messages(200, timeout=40)
+            smtpd.handler.wait_for_messages(200, timeout=40)
             elapsed = time.monotonic() - started
         assert worker.stop() == 0
 
-        counts = server.handler.counts
+        counts = smtpd.handler.counts
         print(f"\n200 messages in {elapsed:.2f} s: {200 / elapsed:.0f} msg/s (incl. publishing)")
-        assert sorted(subjects(server).values()) == [1] * 200, "each message exactly once"
+        assert sorted(subjects(smtpd).values()) == [1] * 200, "each message exactly once"
         assert counts["tls_handshakes"] == 2
         assert counts["auth_successes"] == 2
         assert counts["connections"] == 2
-        assert len({m.connection_id for m in server.handler.messages}) == 2
-        assert all(m.tls and m.auth_user == DEFAULT_USER for m in server.handler.messages)
-        server.handler.wait_for_count("QUIT", 2, timeout=5)
+        assert len({m.connection_id for m in smtpd.handler.messages}) == 2
+        assert all(m.tls and m.auth_user == DEFAULT_USER for m in smtpd.handler.messages)
+        smtpd.handler.wait_for_count("QUIT", 2, timeout=5)
         assert counts["QUIT"] == 2
         garbled = [line for line in worker.output().splitlines() if "}{" in line]
         assert len(worker.events("mail.sent")) == 200, f"log lines run together: {garbled[:2]}"
@@ -190,17 +135,17 @@ class TestRetries:
     def test_4xx_then_success_through_the_redis_schedule(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
         redis_client: redis.Redis,
     ) -> None:
         """A greylisted message is deferred, moved back onto the queue by the worker's
         mover when due (a new task), and then delivered."""
-        server.handler.rcpt_replies_once["grey@example.org"] = "451 4.7.1 greylisted"
+        smtpd.handler.rcpt_replies_once["grey@example.org"] = "451 4.7.1 greylisted"
         worker = start_worker(env)
         with producer(env):
             first = send_mail.delay(to="grey@example.org", subject="greylisted", text="hi")
-            [received] = server.handler.wait_for_messages(1, timeout=20)
+            [received] = smtpd.handler.wait_for_messages(1, timeout=20)
             assert first.get(timeout=5)["status"] == "deferred"
         worker.stop()
 
@@ -215,17 +160,17 @@ class TestRetries:
         assert when(sent) - when(deferred) >= 0.9, "not before the first retry delay (1 s)"
         assert sent["message_id"] == deferred["message_id"] == received.parsed()["Message-ID"]
         assert sent["attempt"] == 2
-        assert server.handler.counts["RCPT"] == 2
+        assert smtpd.handler.counts["RCPT"] == 2
         assert RetrySchedule(redis_client).pending() == 0
 
     def test_5xx_goes_straight_to_the_dead_letter_store(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
     ) -> None:
         """A 550 is tried exactly once and shows in ``mailworker dlq list --json``."""
-        server.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
+        smtpd.handler.rcpt_replies["bad@example.org"] = "550 5.1.1 no such user"
         worker = start_worker(env)
         with producer(env):
             result = send_mail.delay(to="bad@example.org", subject="bounce me", text="hi")
@@ -250,7 +195,7 @@ class TestRetries:
         assert record["attempts"] == 1
         assert record["task_id"] == result.id
         assert "550" in record["error"]
-        counts = server.handler.counts
+        counts = smtpd.handler.counts
         assert (counts["MAIL"], counts["RCPT"], counts["DATA"]) == (1, 1, 0)
         assert len(worker.events("mail.dead_lettered")) == 1
 
@@ -261,18 +206,18 @@ class TestDeadLetterRetry:
     def test_dlq_retry_redelivers_through_the_worker(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
         dlq: DeadLetterStore,
     ) -> None:
         """A message refused with 550 is re-queued by `mailworker dlq retry --all` once the
         address is fixed, delivered by the worker, and leaves the store."""
-        server.handler.rcpt_replies["moved@example.org"] = "550 5.1.1 mailbox moved"
+        smtpd.handler.rcpt_replies["moved@example.org"] = "550 5.1.1 mailbox moved"
         worker = start_worker(env)
         with producer(env):
             send_mail.delay(to="moved@example.org", subject="second chance", text="hi")
             wait_for(lambda: dlq.count() == 1, 15, "the dead letter")
-        del server.handler.rcpt_replies["moved@example.org"]
+        del smtpd.handler.rcpt_replies["moved@example.org"]
 
         retried = subprocess.run(
             [mailworker_executable(), "dlq", "retry", "--all"],
@@ -283,7 +228,7 @@ class TestDeadLetterRetry:
             check=True,
         )
 
-        [message] = server.handler.wait_for_messages(1, timeout=15)
+        [message] = smtpd.handler.wait_for_messages(1, timeout=15)
         assert message.rcpt_tos == ("moved@example.org",)
         assert message.parsed()["Subject"] == "second chance"
         assert dlq.count() == 0
@@ -298,7 +243,7 @@ class TestNoLoss:
     def test_server_restart_mid_stream(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
         dlq: DeadLetterStore,
     ) -> None:
@@ -306,24 +251,24 @@ class TestNoLoss:
         worker = start_worker(env)
         with producer(env):
             publish(200, "restart")
-            server.handler.wait_for_messages(60, timeout=30)
-            server.restart(down_for=0.5)
-            at_restart = len(server.handler.messages)
-            wait_for(lambda: len(subjects(server)) == 200, 40, "all 200 subjects")
+            smtpd.handler.wait_for_messages(60, timeout=30)
+            smtpd.restart(down_for=0.5)
+            at_restart = len(smtpd.handler.messages)
+            wait_for(lambda: len(subjects(smtpd)) == 200, 40, "all 200 subjects")
         worker.stop()
 
-        copies = subjects(server)
+        copies = subjects(smtpd)
         duplicates = {s: n for s, n in copies.items() if n > 1}
         print(f"\nrestart after {at_restart} messages; duplicates: {duplicates or 'none'}")
         assert set(copies) == {f"restart {n:03d}" for n in range(200)}
         assert sum(n - 1 for n in duplicates.values()) <= 2, duplicates
         assert dlq.count() == 0
-        assert server.handler.counts["connections"] >= 4, "both processes reconnected"
+        assert smtpd.handler.counts["connections"] >= 4, "both processes reconnected"
 
     def test_sigkill_mid_stream_loses_nothing(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
         redis_client: redis.Redis,
         dlq: DeadLetterStore,
@@ -331,30 +276,30 @@ class TestNoLoss:
         """SIGKILL the worker (main process and children) at about half of 200 messages
         and start a new one: every message arrives within the visibility timeout (plus
         one task time limit), duplicates at most the messages in flight at the kill."""
-        server.handler.command_delays["RCPT"] = 0.01  # keep messages in flight at the kill
+        smtpd.handler.command_delays["RCPT"] = 0.01  # keep messages in flight at the kill
         worker = start_worker(env)
         with producer(env):
             publish(200, "kill")
-            server.handler.wait_for_messages(100, timeout=30)
+            smtpd.handler.wait_for_messages(100, timeout=30)
             worker.kill()
             killed = time.monotonic()
-            at_kill = len(server.handler.messages)
+            at_kill = len(smtpd.handler.messages)
             start_worker(env, name="after-kill")
             expected = {f"kill {n:03d}" for n in range(200)}
             budget = VISIBILITY_TIMEOUT + TASK_TIME_LIMIT + 10
 
             def settled() -> bool:
-                return set(subjects(server)) == expected and not redis_client.hlen("unacked")
+                return set(subjects(smtpd)) == expected and not redis_client.hlen("unacked")
 
             deadline = killed + budget
             while not settled() and time.monotonic() < deadline:
                 time.sleep(0.1)
             recovered = time.monotonic() - killed
 
-        copies = subjects(server)
+        copies = subjects(smtpd)
         missing = sorted(expected - set(copies))
         by_subject = {s: n for s, n in copies.items() if n > 1}
-        by_message_id = {i: n for i, n in message_ids(server).items() if n > 1}
+        by_message_id = {i: n for i, n in message_ids(smtpd).items() if n > 1}
         print(
             f"\nkilled after {at_kill} messages; all back {recovered:.1f} s after the kill; "
             f"duplicates by subject: {by_subject or 'none'}, "
@@ -374,7 +319,7 @@ class TestNoLoss:
     def test_time_limit_interrupting_a_send_loses_nothing(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
         dlq: DeadLetterStore,
         redis_client: redis.Redis,
@@ -384,18 +329,18 @@ class TestNoLoss:
 
         One process, so that the next message surely uses the interrupted session.
         """
-        server.handler.command_delays["MAIL"] = TASK_TIME_LIMIT + 2
+        smtpd.handler.command_delays["MAIL"] = TASK_TIME_LIMIT + 2
         worker = start_worker(env, concurrency=1)
         with producer(env):
             slow = send_mail.delay(to="slow@example.org", subject="slow server", text="hi")
             time.sleep(TASK_TIME_LIMIT + 0.5)  # the time limit has struck
-            server.handler.command_delays.clear()
+            smtpd.handler.command_delays.clear()
             time.sleep(1.0)  # the server has answered the interrupted MAIL by now
             following = send_mail.delay(to="next@example.org", subject="next", text="hi")
             wait_for(following.ready, 10, "the following message's task")
 
             def settled() -> bool:
-                got = set(subjects(server))
+                got = set(subjects(smtpd))
                 return {"slow server", "next"} <= got or dlq.count() > 0
 
             deadline = time.monotonic() + 15
@@ -404,7 +349,7 @@ class TestNoLoss:
             state: dict[str, Any] = {
                 "slow task": f"{slow.state} {slow.result!r}",
                 "next task": f"{following.state} {following.result!r}",
-                "delivered": sorted(subjects(server)),
+                "delivered": sorted(subjects(smtpd)),
                 "scheduled retries": RetrySchedule(redis_client).pending(),
                 "dead letters": [(r.reason, r.subject, r.error.get("message")) for r in dlq.list()],
                 "queued": redis_client.llen("celery"),
@@ -478,7 +423,7 @@ class TestLogs:
     def test_no_password_in_any_output(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
         dlq: DeadLetterStore,
         redis_client: redis.Redis,
@@ -486,10 +431,10 @@ class TestLogs:
         """Every byte the worker wrote in a full run with an AUTH failure, and everything
         it stored in Redis, is free of both passwords in any encoding."""
         worker = start_worker(env)
-        self.full_run(server, env, dlq)
+        self.full_run(smtpd, env, dlq)
         worker.stop()
 
-        assert any(not login.success for login in server.handler.logins), "no AUTH failure"
+        assert any(not login.success for login in smtpd.handler.logins), "no AUTH failure"
         secrets = {}
         for name, password in (("password", PASSWORD), ("wrong password", WRONG_PASSWORD)):
             secrets[name] = password.encode()
@@ -510,7 +455,7 @@ class TestLogs:
     def test_logs_are_json_lines_with_terminal_events(
         self,
         env: dict[str, str],
-        server: SMTPServer,
+        smtpd: SMTPServer,
         start_worker: Callable[..., WorkerProcess],
         dlq: DeadLetterStore,
         tmp_path: Path,
@@ -518,7 +463,7 @@ class TestLogs:
         """With MAILWORKER_LOG_FORMAT=json every line the worker logs (stderr) is a JSON
         object, and each outcome has its terminal event with the promised fields."""
         worker = start_worker(env, stderr_path=tmp_path / "stderr.log")
-        self.full_run(server, env, dlq)
+        self.full_run(smtpd, env, dlq)
         worker.stop()
 
         events = worker.events()

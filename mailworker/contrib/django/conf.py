@@ -70,6 +70,8 @@ WORKER_KEYS = (
     "MAX_REDELIVERIES",
     "DLQ_MAX",
     "DLQ_TTL",
+    "DLQ_MAX_BYTES",
+    "DLQ_MAX_PAYLOAD_BYTES",
     "LOG_FORMAT",
 )
 #: Every key ``settings.MAILWORKER`` may have.

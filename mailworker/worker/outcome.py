@@ -1,0 +1,205 @@
+"""The shapes a delivery passes on: the task result and the ``_meta`` it carries.
+
+Both travel as JSON (the result to Celery's result backend and the idempotency
+record, ``_meta`` inside a retry's task arguments), so they are plain dicts, typed
+here as ``TypedDict``s. Each result shape is built by one function below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+from mailworker.smtp import SendResult
+
+
+class _MetaRequired(TypedDict):
+    #: The message's idempotency key (``<key>+<digest>`` for a subset of recipients).
+    key: str
+    #: The task id that first carried the message.
+    origin: str
+    #: Unix time of the first attempt.
+    first_attempt_at: float
+
+
+class Meta(_MetaRequired, total=False):
+    """A task's private ``_meta`` argument: the message's state across delayed retries."""
+
+    #: The queue (routing key) and exchange the message came from; retries go back there.
+    queue: str
+    exchange: str
+    #: Pinned on the first attempt, so every attempt sends the same message.
+    message_id: str
+    date: str
+    #: Set when only some recipients are retried.
+    recipients: list[str]
+    #: SMTP attempts and delayed retries so far.
+    attempts: int
+    retries: int
+    #: One ``{"at": float, "error": str | None}`` per attempt that failed.
+    history: list[dict[str, Any]]
+
+
+class TaskResult(TypedDict):
+    """What the ``send_mail`` and ``send_message`` tasks return, and what the
+    idempotency ledger keeps of a sent message: every key, whatever the status (None,
+    empty or False where it does not apply), so a caller can read any of them."""
+
+    #: ``sent``, ``deferred`` (a delayed retry is scheduled) or ``dead_lettered``.
+    status: Literal["sent", "deferred", "dead_lettered"]
+    #: Why it was not sent: ``retry`` or ``locked`` (deferred), ``exhausted``
+    #: (dead-lettered); None when sent.
+    reason: Literal["retry", "locked", "exhausted"] | None
+    message_id: str | None
+    #: Recipients the server accepted.
+    accepted: list[str]
+    #: Per refused recipient: ``status`` (deferred/rejected), ``code``, ``enhanced_code``,
+    #: ``reply``.
+    refused: dict[str, dict[str, Any]]
+    #: The server's last reply (``250 2.0.0 queued as …``, or the one that deferred it).
+    reply: str | None
+    #: The server's queue id, when its reply gave one.
+    queue_id: str | None
+    #: SMTP attempts so far.
+    attempts: int
+    #: The message's Date header.
+    date: str | None
+    #: When the delayed retry is due (Unix time) and its task id.
+    retry_at: float | None
+    retry_task_id: str | None
+    #: What went wrong (``type``, ``message``, ``code``, ``enhanced_code``, ``reply``,
+    #: ``stage``) when not sent.
+    error: dict[str, Any] | None
+    #: The recipients a retry or a dead letter is about, when only some are.
+    recipients: list[str] | None
+    #: True when this run sent nothing: an earlier one had.
+    duplicate: bool
+    #: False when the acceptance could not be recorded (a redelivery would resend).
+    idempotency_recorded: bool
+    #: True once deferred recipients are scheduled and rejected ones dead-lettered.
+    follow_up_done: bool
+
+
+#: A sent message's result, as the idempotency ledger keeps it.
+SentResult = TaskResult
+
+
+def _result(
+    status: Literal["sent", "deferred", "dead_lettered"],
+    *,
+    reason: Literal["retry", "locked", "exhausted"] | None = None,
+    message_id: str | None = None,
+    attempts: int = 0,
+    accepted: list[str] | None = None,
+    refused: dict[str, dict[str, Any]] | None = None,
+    reply: str | None = None,
+    queue_id: str | None = None,
+    date: str | None = None,
+    retry_at: float | None = None,
+    retry_task_id: str | None = None,
+    error: dict[str, Any] | None = None,
+    recipients: list[str] | None = None,
+) -> TaskResult:
+    return {
+        "status": status,
+        "reason": reason,
+        "message_id": message_id,
+        "accepted": accepted or [],
+        "refused": refused or {},
+        "reply": reply,
+        "queue_id": queue_id,
+        "attempts": attempts,
+        "date": date,
+        "retry_at": retry_at,
+        "retry_task_id": retry_task_id,
+        "error": error,
+        "recipients": recipients,
+        "duplicate": False,
+        "idempotency_recorded": True,
+        "follow_up_done": False,
+    }
+
+
+def sent(
+    result: SendResult, *, message_id: str | None, attempts: int, date: str | None
+) -> TaskResult:
+    """The result of a message the server accepted."""
+    return _result(
+        "sent",
+        message_id=message_id,
+        attempts=attempts,
+        accepted=result.accepted,
+        refused={r: outcome.to_dict() for r, outcome in result.refused.items()},
+        reply=str(result.reply),
+        queue_id=result.queue_id,
+        date=date,
+    )
+
+
+def deferred(
+    *,
+    message_id: str | None,
+    attempts: int,
+    retry_at: float,
+    retry_task_id: str,
+    error: dict[str, Any],
+    reply: str | None,
+    recipients: list[str] | None,
+) -> TaskResult:
+    """The result of a message that waits for a delayed retry."""
+    return _result(
+        "deferred",
+        reason="retry",
+        message_id=message_id,
+        attempts=attempts,
+        retry_at=retry_at,
+        retry_task_id=retry_task_id,
+        error=error,
+        reply=reply,
+        recipients=recipients,
+    )
+
+
+def locked(
+    *, message_id: str | None, attempts: int, retry_at: float, retry_task_id: str
+) -> TaskResult:
+    """The result of a run that found the message locked by another delivery."""
+    return _result(
+        "deferred",
+        reason="locked",
+        message_id=message_id,
+        attempts=attempts,
+        retry_at=retry_at,
+        retry_task_id=retry_task_id,
+        error={"type": "Locked", "message": "locked by a running delivery"},
+    )
+
+
+def dead_lettered(
+    *,
+    message_id: str | None,
+    attempts: int,
+    error: dict[str, Any],
+    reply: str | None,
+    recipients: list[str] | None,
+) -> TaskResult:
+    """The result of a run whose remaining recipients were dead-lettered as exhausted."""
+    return _result(
+        "dead_lettered",
+        reason="exhausted",
+        message_id=message_id,
+        attempts=attempts,
+        error=error,
+        reply=reply,
+        recipients=recipients,
+    )
+
+
+__all__ = [
+    "Meta",
+    "SentResult",
+    "TaskResult",
+    "dead_lettered",
+    "deferred",
+    "locked",
+    "sent",
+]
