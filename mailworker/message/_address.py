@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from email.headerregistry import Address
 from typing import Final
 
+import idna
+
 from mailworker.message._fields import fail, header_text, type_name
 
 _ATEXT: Final = frozenset(
@@ -33,12 +35,14 @@ def to_ascii_domain(domain: str) -> str:
         except ValueError:
             raise ValueError(f"domain literal {domain!r} is not an IP address") from None
         return domain
-    try:
-        # The stdlib codec implements IDNA 2003 (e.g. it maps 'ß' to 'ss'); the idna
-        # package would do IDNA 2008, but this module keeps to the standard library.
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError(f"domain {domain!r} is not a valid domain name") from None
+    ascii_domain = domain
+    if not domain.isascii():
+        try:
+            # IDNA 2008 with UTS #46 mapping, non-transitional: the stdlib's IDNA 2003
+            # codec maps 'straße.de' to 'strasse.de', which is another domain.
+            ascii_domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            raise ValueError(f"domain {domain!r} is not a valid domain name") from None
     if len(ascii_domain) > 255:
         raise ValueError("domain is longer than 255 octets")
     if not all(_LDH_LABEL.fullmatch(label) for label in ascii_domain.split(".")):

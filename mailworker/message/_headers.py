@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from email.policy import Policy
 from email.utils import parsedate_to_datetime
 from typing import Final
 
@@ -87,38 +86,3 @@ def check_headers(value: object) -> tuple[tuple[str, str], ...]:
         checked[name.lower()] = name
         result.append((name, text))
     return tuple(result)
-
-
-class VerbatimHeader(str):
-    """An ASCII header value folded only at whitespace and never encoded.
-
-    For a word too long for one 78-character line, the email package turns the word into
-    RFC 2047 encoded-words, which corrupts values it does not know to be structured (a long
-    List-Unsubscribe URL, a Content-ID). RFC 5322 allows 998 octets, so such a word is
-    better written as it is on a line of its own. The email package writes any header value
-    that has a ``name`` and a ``fold()`` through ``fold()``.
-    """
-
-    name: str
-
-    def __new__(cls, name: str, value: str) -> VerbatimHeader:
-        header = super().__new__(cls, value)
-        header.name = name
-        return header
-
-    def fold(self, *, policy: Policy) -> str:
-        """The header line(s) with their line endings, folded before whitespace."""
-        limit = policy.max_line_length or 78
-        head = f"{self.name}:"
-        lines = [head]
-        words = _FOLD_WORD.findall(str(self))
-        if words and words[0][0] not in " \t":
-            words[0] = " " + words[0]
-        for word in words:
-            # Fold before a word's leading whitespace once the line would pass the limit;
-            # never leave the name alone on its line or start a line of whitespace only.
-            if len(lines[-1]) + len(word) > limit and lines[-1] != head and word.strip():
-                lines.append(word)
-            else:
-                lines[-1] += word
-        return policy.linesep.join(lines) + policy.linesep

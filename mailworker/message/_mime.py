@@ -12,11 +12,20 @@ from typing import TYPE_CHECKING, Final
 
 from mailworker.message._address import parse_address, to_ascii_domain
 from mailworker.message._attachments import Attachment
-from mailworker.message._headers import VerbatimHeader
+from mailworker.message._fields import fail
+from mailworker.message._wire import VerbatimHeader, header_mismatch
 
 if TYPE_CHECKING:
     from mailworker.message.payload import MailPayload
 
+# The payload field a header field comes from, to name it in an error.
+_FIELDS: Final = {
+    "from": "from_email",
+    "to": "to",
+    "cc": "cc",
+    "reply-to": "reply_to",
+    "subject": "subject",
+}
 # Control characters other than TAB/CR/LF; a body holding them is sent quoted-printable so
 # the wire carries none of them.
 _BODY_CONTROL = re.compile("[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
@@ -93,23 +102,33 @@ def build_message(payload: MailPayload, *, message_id_domain: str | None = None)
         raise ValueError(f"message_id_domain: {exc}") from None
 
     msg = EmailMessage(policy=policy)
-    msg["From"] = payload.from_email
+    # Every field the caller fills is written by _wire, never parsed by the email
+    # package (which would decode encoded-words in it): see _wire's docstring.
+    _set(msg, "From", "from_email", VerbatimHeader.address_list("From", (sender,)))
     # Without To, some spam filters mark the message down: say that the list is hidden.
-    msg["To"] = ", ".join(payload.to) if payload.to else "undisclosed-recipients:;"
+    if payload.to:
+        _set(msg, "To", "to", _addresses("To", "to", payload.to))
+    else:
+        msg["To"] = VerbatimHeader("To", "undisclosed-recipients:;", addresses=())
     if payload.cc:
-        msg["Cc"] = ", ".join(payload.cc)
+        _set(msg, "Cc", "cc", _addresses("Cc", "cc", payload.cc))
     if payload.reply_to:
-        msg["Reply-To"] = ", ".join(payload.reply_to)
-    msg["Subject"] = payload.subject
-    msg["Date"] = payload.header("Date") or format_datetime(datetime.now().astimezone())
-    msg["Message-ID"] = payload.header("Message-ID") or make_msgid(domain=id_domain)
+        _set(msg, "Reply-To", "reply_to", _addresses("Reply-To", "reply_to", payload.reply_to))
+    _set(msg, "Subject", "subject", VerbatimHeader.unstructured("Subject", payload.subject))
+    date = payload.header("Date") or format_datetime(datetime.now().astimezone())
+    _set(msg, "Date", "headers['Date']", date)
+    message_id = payload.header("Message-ID") or make_msgid(domain=id_domain)
+    _set(msg, "Message-ID", "headers['Message-ID']", message_id)
     for name, value in payload.headers:
-        if name.lower() in {"date", "message-id"}:
+        lower = name.lower()
+        if lower in {"date", "message-id"}:
             continue
-        if value.isascii() and name.lower() not in {"sender", "orig-date"}:
-            msg[name] = VerbatimHeader(name, value)
+        where = f"headers[{name!r}]"
+        if lower == "sender":
+            header = _addresses(name, where, (value,))
         else:
-            msg[name] = value
+            header = VerbatimHeader.unstructured(name, value)
+        _set(msg, name, where, header)
 
     inline = [a for a in payload.attachments if a.content_id is not None]
     files = [a for a in payload.attachments if a.content_id is None]
@@ -137,6 +156,28 @@ def message_bytes(msg: EmailMessage) -> bytes:
     """Serialise ``msg`` for DATA: CRLF line endings, 7-bit bodies (no 8BITMIME needed).
 
     Headers are ASCII unless the message was built for SMTPUTF8. Dot-stuffing is left to
-    the SMTP layer.
+    the SMTP layer. The header block written is parsed back and must hold exactly
+    ``msg``'s fields with the same meaning.
+
+    Raises:
+        InvalidMessageError: a field would not come out as itself; the error names it.
     """
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    differs = header_mismatch(msg, data)
+    if differs is not None:
+        field = _FIELDS.get(differs.lower(), f"headers[{differs!r}]")
+        fail(field, "cannot be written as the header field it asks for (header injection?)")
+    return data
+
+
+def _addresses(name: str, where: str, values: tuple[str, ...]) -> VerbatimHeader:
+    parsed = tuple(parse_address(where, value) for value in values)
+    return VerbatimHeader.address_list(name, parsed)
+
+
+def _set(msg: EmailMessage, name: str, where: str, value: str) -> None:
+    """Add a header field; whatever the email package cannot take is the field's fault."""
+    try:
+        msg[name] = value
+    except (ValueError, TypeError, UnicodeError, IndexError) as exc:
+        fail(where, f"cannot be written as a header field ({exc})")

@@ -1,8 +1,11 @@
-"""smtplib, with a transcript and pipelining added on top.
+"""smtplib, with a transcript, pipelining and bounded reply reading added on top.
 
-smtplib does socket I/O, reply parsing and EHLO bookkeeping well; what it lacks
-is a record of the exchange that leaves secrets out (``set_debuglevel`` prints
-AUTH in clear) and a way to write several commands at once (RFC 2920).
+smtplib does socket I/O and EHLO bookkeeping well; what it lacks is a record of
+the exchange that leaves secrets out (``set_debuglevel`` prints AUTH in clear), a
+way to write several commands at once (RFC 2920), and a bound on a reply: its
+reader takes any number of lines and applies the timeout to each ``recv``, so a
+server streaming ``250-`` lines grows the client without end and one dripping a
+byte now and then holds it for ever. Replies are read here instead.
 """
 
 from __future__ import annotations
@@ -11,33 +14,84 @@ import contextlib
 import smtplib
 import socket
 import ssl
+import time
+from collections import deque
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.transcript import REDACTED, Transcript
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 #: Size of each write of message content; each write has its own data_block timeout.
 _BLOCK = 64 * 1024
 #: How long to look for a refusal after the server stopped reading our content.
 _EARLY_REPLY_WAIT = 2.0
+#: Longest reply line accepted, line ending included. RFC 5321 §4.5.3.1.5 says 512,
+#: but servers write longer text lines; smtplib's limit (8192) keeps them working.
+MAX_REPLY_LINE = 8192
+#: Most lines in one reply. The longest real replies (EHLO with every extension, a
+#: banner or a rejection with a policy text) run to a few dozen lines; a server
+#: streaming ``250-`` lines would otherwise grow the client without end.
+MAX_REPLY_LINES = 200
+#: Most bytes in one reply, all lines together: ten times a long real one, and what
+#: a reply (with its transcript lines) may cost in memory.
+MAX_REPLY_BYTES = 64 * 1024
+#: Bytes asked of the socket per read.
+_RECV = 64 * 1024
+#: Most bytes of pipelined commands written and not yet answered. RFC 2920 §3.1:
+#: a client that blocks on writes must keep each group within the TCP window,
+#: "usually 4K octets", or both sides can end up blocked writing to each other.
+#: More is written whenever half of it has been answered.
+PIPELINE_WINDOW = 4096
 
 
-class _LineRecorder:
-    """Wraps the socket file so every reply line is seen as smtplib reads it."""
+class ReplyLimitExceeded(smtplib.SMTPException):
+    """A reply broke a bound above: the server is broken or hostile."""
 
-    def __init__(self, file: IO[bytes], client: Client) -> None:
-        self._file = file
-        self._client = client
 
-    def readline(self, size: int = -1) -> bytes:
-        line = self._file.readline(size)
-        if line:
-            self._client.on_reply_line(line)
-        return line
+class _ReplyReader:
+    """Reply lines from the socket, every read bounded by the reply's deadline.
+
+    Stands where smtplib keeps ``sock.makefile("rb")``: that file applies the
+    timeout to each ``recv``, so a line that trickles in never times out.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def readline(self, until: float) -> bytes:
+        """The next line with its line ending; what is left at the end of the stream
+        (``b""`` once nothing is); more than MAX_REPLY_LINE bytes if it is too long.
+
+        Raises:
+            TimeoutError: no complete line by ``until`` (a ``time.monotonic()`` time).
+        """
+        scanned = 0
+        while True:
+            end = self._buffer.find(b"\n", scanned)
+            if end >= 0 or len(self._buffer) > MAX_REPLY_LINE:
+                cut = end + 1 if end >= 0 else len(self._buffer)
+                line = bytes(self._buffer[:cut])
+                del self._buffer[:cut]
+                return line
+            scanned = len(self._buffer)
+            left = until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no complete reply within the timeout")
+            self._sock.settimeout(left)
+            chunk = self._sock.recv(_RECV)
+            if not chunk:
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return line
+            self._buffer += chunk
 
     def close(self) -> None:
-        self._file.close()
+        self._buffer.clear()
 
 
 class Client(smtplib.SMTP):
@@ -45,6 +99,8 @@ class Client(smtplib.SMTP):
 
     Attributes:
         transcript: where lines are recorded now; the session swaps it per message.
+        deadline: a ``time.monotonic()`` time no read or write may run past (the
+            send's deadline), or None.
     """
 
     # smtplib sends "ehlo" in lower case; commands are case-insensitive, but
@@ -63,7 +119,9 @@ class Client(smtplib.SMTP):
         self.last_reply = Reply(-1, ())
         #: True while message content is being written (a QUIT now would join it).
         self.in_content = False
-        self._reply_lines: list[bytes] = []
+        self.deadline: float | None = None
+        #: The timeout of one whole reply, or of one write.
+        self._timeout = greeting_timeout
         self._redacting = False
         self._greeting_timeout = greeting_timeout
         self._implicit_tls = implicit_tls
@@ -79,31 +137,80 @@ class Client(smtplib.SMTP):
             # The handshake runs under the connect timeout; SNI is the host name.
             sock = self._implicit_tls.wrap_socket(sock, server_hostname=host)
         sock.settimeout(self._greeting_timeout)
+        self._timeout = self._greeting_timeout
         return sock
 
     def getreply(self) -> tuple[int, bytes]:
-        if self.file is None and self.sock is not None:
-            self.file = _LineRecorder(self.sock.makefile("rb"), self)
-        self._reply_lines = []
-        code, text = super().getreply()
+        """Read one reply, within the timeout as a whole and within the bounds above.
+
+        Raises:
+            smtplib.SMTPServerDisconnected: the connection closed or timed out (the
+                socket is closed, as smtplib does).
+            ReplyLimitExceeded: the reply was too long; the socket is closed, for
+                what follows would be read as the answer to the next command.
+            smtplib.SMTPResponseException: code -1, a line without a reply code.
+        """
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        if self.file is None:
+            self.file = _ReplyReader(self.sock)
+        reader: _ReplyReader = self.file
+        until = time.monotonic() + self._timeout
+        if self.deadline is not None:
+            until = min(until, self.deadline)
+        raw: list[bytes] = []
+        size = 0
+        code = -1
+        while True:
+            try:
+                line = reader.readline(until)
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(
+                    f"Connection unexpectedly closed: {exc}"
+                ) from exc
+            if not line:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            raw.append(line)
+            size += len(line)
+            text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+            self.transcript.server(text if len(text) <= 512 else f"{text[:512]}...")
+            more = line[3:4] == b"-"
+            problem = None
+            if len(line) > MAX_REPLY_LINE:
+                problem = f"a reply line longer than {MAX_REPLY_LINE} bytes"
+            elif size > MAX_REPLY_BYTES:
+                problem = f"a reply longer than {MAX_REPLY_BYTES} bytes"
+            elif more and len(raw) >= MAX_REPLY_LINES:
+                problem = f"a reply of more than {MAX_REPLY_LINES} lines"
+            if problem is not None:
+                self.close()
+                raise ReplyLimitExceeded(problem)
+            # Exactly three digits; int() would also take " 25" or "2_5".
+            if not (len(line) >= 3 and line[:3].isdigit()):
+                code = -1
+                break
+            code = int(line[:3])
+            if not more:
+                break
+        message = b"\n".join(line[4:].strip(b" \t\r\n") for line in raw)
         if code == -1:
             # Not a reply at all: the stream is out of step and cannot be trusted.
-            raise smtplib.SMTPResponseException(-1, text)
-        self.last_reply = Reply.parse(
-            code, self._reply_lines, enhanced=self.has_extn("enhancedstatuscodes")
-        )
-        return code, text
+            raise smtplib.SMTPResponseException(-1, message)
+        self.last_reply = Reply.parse(code, raw, enhanced=self.has_extn("enhancedstatuscodes"))
+        return code, message
+
+    def send(self, s: ReadableBuffer | str) -> None:
+        """Write (smtplib's ``send``), within the timeout cut to the deadline."""
+        self._arm()
+        super().send(s)
 
     def putcmd(self, cmd: str, args: str = "") -> None:
         self.record_command(f"{cmd} {args}" if args else cmd)
         super().putcmd(cmd, args)
 
     # -- what we add ---------------------------------------------------------
-
-    def on_reply_line(self, line: bytes) -> None:
-        """Record one raw reply line (called by the line recorder)."""
-        self._reply_lines.append(line)
-        self.transcript.server(line.rstrip(b"\r\n").decode("utf-8", "replace"))
 
     def record_command(self, line: str) -> None:
         """Record a command line, redacting AUTH payloads."""
@@ -155,6 +262,7 @@ class Client(smtplib.SMTP):
         self.in_content = True
         try:
             for start in range(0, len(view), _BLOCK):
+                self._arm()
                 self.sock.sendall(view[start : start + _BLOCK])
         except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
             self.in_content = False
@@ -173,10 +281,21 @@ class Client(smtplib.SMTP):
         return None
 
     def set_timeout(self, seconds: float) -> None:
-        """The timeout of the next socket operations."""
+        """The timeout of each following reply as a whole, and of each write."""
+        self._timeout = seconds
         # settimeout() costs a system call even when nothing changes.
         if self.sock is not None and self.sock.gettimeout() != seconds:
             self.sock.settimeout(seconds)
+
+    def _arm(self) -> None:
+        """Give the next write the timeout, cut to the deadline."""
+        timeout = self._timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("the send's deadline has passed")
+        if self.sock is not None and self.sock.gettimeout() != timeout:
+            self.sock.settimeout(timeout)
 
     def start_tls(self, context: ssl.SSLContext, host: str) -> None:
         """Wrap the socket after a 220 to STARTTLS; forget what EHLO said before."""
@@ -208,6 +327,44 @@ class Client(smtplib.SMTP):
             "cert_issuer": _dn(cert.get("issuer", ())),
             "cert_not_after": cert.get("notAfter"),
         }
+
+
+class Pipeline:
+    """Pipelined commands, written ahead of their replies but never more than
+    PIPELINE_WINDOW bytes of them unanswered."""
+
+    def __init__(self, client: Client, commands: list[str]) -> None:
+        self._client = client
+        self._unsent = deque(commands)
+        self._sizes: deque[int] = deque()  # of the written, unanswered commands
+        self._in_flight = 0
+        self._written = 0
+
+    def answers(self, position: int) -> bool:
+        """Whether the command at ``position`` was or will be written (and answered)."""
+        return position < self._written + len(self._unsent)
+
+    def stop(self) -> None:
+        """Write no more commands; those written are still to be answered."""
+        self._unsent.clear()
+
+    def reply(self) -> Reply:
+        """The reply to the oldest unanswered command, after writing more commands
+        if at most half of the window is unanswered."""
+        if self._unsent and self._in_flight <= PIPELINE_WINDOW // 2:
+            batch = []
+            while self._unsent:
+                size = len(self._unsent[0].encode("utf-8")) + 2  # CRLF
+                if self._in_flight + size > PIPELINE_WINDOW and self._sizes:
+                    break
+                batch.append(self._unsent.popleft())
+                self._sizes.append(size)
+                self._in_flight += size
+            self._written += len(batch)
+            self._client.pipeline(batch)
+        reply = self._client.reply()
+        self._in_flight -= self._sizes.popleft()
+        return reply
 
 
 #: The usual short names of distinguished-name attributes.

@@ -18,6 +18,7 @@ from mailworker.errors import (
     SMTPTLSError,
     Stage,
 )
+from mailworker.smtp._client import ReplyLimitExceeded
 from mailworker.smtp.profile import Profile
 
 
@@ -74,6 +75,8 @@ def classify(exc: BaseException, stage: Stage, host: str) -> SMTPError | None:
         return SMTPTLSError(f"TLS failed: {exc.reason or exc}", stage="tls")
     if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
         return SMTPTimeoutError("no reply within the timeout", stage=stage)
+    if isinstance(exc, ReplyLimitExceeded):
+        return SMTPProtocolError(f"server sent {exc}; the session is dropped", stage=stage)
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return SMTPServerDisconnected("server closed the connection", stage=stage)
     if isinstance(exc, smtplib.SMTPResponseException):

@@ -1,8 +1,15 @@
 """The mail transaction: MAIL, RCPT..., then the content (RFC 5321 §3.3).
 
-With PIPELINING (RFC 2920) MAIL, every RCPT and DATA leave in one write and the
+With PIPELINING (RFC 2920) MAIL, every RCPT and DATA leave together and the
 replies are read back in order: two round trips per message instead of three
-plus one per recipient. Without it, strict lock-step.
+plus one per recipient. They are written in windows of unanswered commands no
+larger than the TCP window (RFC 2920 §3.1), for a client that writes thousands
+of RCPTs before reading would block on a server blocked writing their replies.
+Without PIPELINING, strict lock-step.
+
+A server may take fewer recipients per transaction than a message has: it
+answers 452 "too many recipients" and the rest go at once in further
+transactions on the same session, with the same content (RFC 5321 §4.5.3.1.10).
 
 The content transfer sits behind :class:`ContentTransfer` so that BDAT
 (CHUNKING, RFC 3030) can be added as a second implementation: it would send no
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from mailworker.errors import (
@@ -24,7 +31,7 @@ from mailworker.errors import (
     SMTPReplyError,
     Stage,
 )
-from mailworker.smtp._client import Client
+from mailworker.smtp._client import Client, Pipeline
 from mailworker.smtp.body import is_8bit
 from mailworker.smtp.profile import Timeouts
 from mailworker.smtp.reply import Reply
@@ -47,11 +54,32 @@ class Envelope:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The server's verdict on one transaction."""
+    """The server's verdict on a message, over one transaction or several.
+
+    Attributes:
+        recipients: every recipient's result, in the envelope's order.
+        replies: the final reply of each transaction that delivered the message.
+        error: a failure after an earlier transaction delivered the message (so
+            not raised); the recipients it concerns are deferred or rejected in
+            ``recipients``, and the session must be reset or dropped as after any
+            failure.
+    """
 
     recipients: tuple[RecipientResult, ...]
-    reply: Reply
+    replies: tuple[Reply, ...]
     size: int
+    error: SMTPError | None = None
+
+
+@dataclass
+class _Attempt:
+    """One transaction for some of the recipients (indices into the envelope),
+    filled in as replies come, so what was answered is known if it fails midway."""
+
+    recipients: list[int]
+    rcpt: list[Reply] = field(default_factory=list)
+    #: The verdict on the content; None while nothing was delivered.
+    final: Reply | None = None
 
 
 def build_envelope(sender: str, recipients: Sequence[str], message: bytes) -> Envelope:
@@ -167,66 +195,201 @@ def exchange(
     guard: StageGuard,
     transfer: ContentTransfer | None = None,
 ) -> Outcome:
-    """Run one mail transaction on a connected, greeted session.
+    """Deliver the message on a connected, greeted session: one transaction, or as
+    many as the server's limit of recipients per transaction needs.
 
     Raises:
         SMTPReplyError: the sender, DATA or the content was refused.
         SMTPRecipientsRefused: no recipient was accepted.
+        SMTPError: any other failure, as long as nothing was delivered; after that
+            a failure is returned in ``Outcome.error``, never raised, for the
+            recipients delivered before must not be sent the message again.
     """
     if transfer is None:
         transfer = DataTransfer()
-    mail = "MAIL FROM:<{}>{}".format(envelope.sender, "".join(f" {p}" for p in params))
-    rcpts = [f"RCPT TO:<{r}>" for r in envelope.recipients]
-    data_reply: Reply | None = None
-
-    if client.has_extn("pipelining"):
-        batch = [mail, *rcpts] + ([transfer.initiation] if transfer.initiation else [])
-        with guard("mail", timeouts.mail):
-            client.pipeline(batch)
-            mail_reply = _unless_closing(client.reply(), "mail")
-        rcpt_replies = []
-        for _ in rcpts:
-            with guard("rcpt", timeouts.rcpt):
-                rcpt_replies.append(_unless_closing(client.reply(), "rcpt"))
-        if transfer.initiation:
-            with guard("data", timeouts.data_init):
-                data_reply = client.reply()
-        nothing_to_deliver = not mail_reply.ok or not _accepted(rcpt_replies)
-        if nothing_to_deliver and data_reply is not None and data_reply.code == 354:
-            # The server opened DATA although nothing can be delivered: close it
-            # with an empty body (RFC 2920 §3.1) and let RSET discard it.
-            with guard("data", timeouts.data_end):
-                client.pipeline(["."])
-                client.reply()
-    else:
-        with guard("mail", timeouts.mail):
-            mail_reply = _unless_closing(client.command(mail), "mail")
-        rcpt_replies = []
-        if mail_reply.ok:
-            for line in rcpts:
-                with guard("rcpt", timeouts.rcpt):
-                    rcpt_replies.append(_unless_closing(client.command(line), "rcpt"))
-        if mail_reply.ok and _accepted(rcpt_replies) and transfer.initiation:
-            with guard("data", timeouts.data_init):
-                data_reply = client.command(transfer.initiation)
-
-    if not mail_reply.ok:
-        raise _reply_error("server refused the sender", "mail", mail_reply)
-    outcomes = tuple(
-        _recipient(address, reply)
-        for address, reply in zip(envelope.recipients, rcpt_replies, strict=True)
-    )
-    if not _accepted(rcpt_replies):
+    addresses = envelope.recipients
+    results = [RecipientResult(a, "deferred", -1, "not sent") for a in addresses]
+    replies: list[Reply] = []
+    pending = list(range(len(addresses)))
+    limit: int | None = None  # recipients per transaction, once the server showed it
+    open_transaction = False
+    while pending:
+        attempt = _Attempt(pending if limit is None else pending[:limit])
+        try:
+            if open_transaction:
+                _reset(client, guard, timeouts)
+            _transaction(
+                client,
+                envelope,
+                attempt,
+                params=params,
+                payload=payload,
+                timeouts=timeouts,
+                guard=guard,
+                transfer=transfer,
+            )
+        except SMTPError as exc:
+            if not replies:
+                raise
+            for k, index in enumerate(pending):
+                own = attempt.rcpt[k] if k < len(attempt.rcpt) else None
+                if own is None or own.ok or own.too_many_recipients:
+                    results[index] = _failed(addresses[index], exc, own)
+                else:  # refused on its own account
+                    results[index] = _recipient(addresses[index], own)
+            return Outcome(tuple(results), tuple(replies), envelope.size, error=exc)
+        if attempt.final is not None:
+            replies.append(attempt.final)
+        answered = attempt.rcpt
+        first, full = next(
+            ((k, r) for k, r in enumerate(answered) if r.too_many_recipients), (0, None)
+        )
+        settled = False
+        left = []
+        for k, index in enumerate(attempt.recipients):
+            reply = answered[k] if k < len(answered) else full
+            assert reply is not None  # only a full server leaves recipients unasked
+            results[index] = _recipient(addresses[index], reply)
+            if reply.too_many_recipients:
+                left.append(index)
+            else:
+                settled = True
+        if full is not None:
+            limit = first if limit is None else min(limit, first)
+        pending = left + pending[len(attempt.recipients) :]
+        open_transaction = attempt.final is None
+        if not settled or limit == 0:
+            break  # no progress: the rest stay deferred, for a later retry
+    if not replies:
         raise SMTPRecipientsRefused(
             "server refused every recipient",
-            refused={o.recipient: (o.code, o.enhanced_code, o.reply) for o in outcomes},
+            refused={o.recipient: (o.code, o.enhanced_code, o.reply) for o in results},
         )
+    if open_transaction:  # the last one delivered nothing
+        try:
+            _reset(client, guard, timeouts)
+        except SMTPError as exc:
+            return Outcome(tuple(results), tuple(replies), envelope.size, error=exc)
+    return Outcome(tuple(results), tuple(replies), envelope.size)
+
+
+def _reset(client: Client, guard: StageGuard, timeouts: Timeouts) -> None:
+    """RSET a transaction that delivered nothing, before the next one."""
+    with guard("reset", timeouts.command):
+        reply = client.command("RSET")
+    if reply.code != 250:
+        raise _reply_error("server refused RSET", "reset", reply)
+
+
+def _transaction(
+    client: Client,
+    envelope: Envelope,
+    attempt: _Attempt,
+    *,
+    params: Sequence[str],
+    payload: bytes,
+    timeouts: Timeouts,
+    guard: StageGuard,
+    transfer: ContentTransfer,
+) -> None:
+    """MAIL, RCPT for the attempt's recipients and, if any was accepted, the content.
+
+    Returns with ``attempt.final`` None when no recipient was accepted (the
+    transaction is then still open).
+    """
+    mail = "MAIL FROM:<{}>{}".format(envelope.sender, "".join(f" {p}" for p in params))
+    rcpts = [f"RCPT TO:<{envelope.recipients[i]}>" for i in attempt.recipients]
+    send = _pipelined if client.has_extn("pipelining") else _lock_step
+    mail_reply, data_reply = send(
+        client,
+        mail,
+        rcpts,
+        initiation=transfer.initiation,
+        answered=attempt.rcpt,
+        guard=guard,
+        timeouts=timeouts,
+    )
+    if not mail_reply.ok:
+        raise _reply_error("server refused the sender", "mail", mail_reply)
+    if not _accepted(attempt.rcpt):
+        return
     if data_reply is not None and data_reply.code != 354:
         raise _reply_error("server refused DATA", "data", data_reply)
     final = transfer.send(client, payload, envelope.size, guard, timeouts)
     if not final.ok:
         raise _reply_error("server refused the message", "data", final)
-    return Outcome(recipients=outcomes, reply=final, size=envelope.size)
+    attempt.final = final
+
+
+def _pipelined(
+    client: Client,
+    mail: str,
+    rcpts: list[str],
+    *,
+    initiation: str | None,
+    answered: list[Reply],
+    guard: StageGuard,
+    timeouts: Timeouts,
+) -> tuple[Reply, Reply | None]:
+    """The envelope with PIPELINING: replies are read while commands are written,
+    and no more RCPTs go once the sender is refused or the server is full."""
+    pipe = Pipeline(client, [mail, *rcpts, *([initiation] if initiation else [])])
+    with guard("mail", timeouts.mail):
+        mail_reply = _unless_closing(pipe.reply(), "mail")
+    if not mail_reply.ok:
+        pipe.stop()
+    for position in range(1, len(rcpts) + 1):
+        if not pipe.answers(position):
+            break
+        with guard("rcpt", timeouts.rcpt):
+            reply = _unless_closing(pipe.reply(), "rcpt")
+        answered.append(reply)
+        if reply.too_many_recipients:
+            pipe.stop()
+    data_reply = None
+    if initiation is not None:
+        if pipe.answers(len(rcpts) + 1):
+            with guard("data", timeouts.data_init):
+                data_reply = pipe.reply()
+        elif mail_reply.ok and _accepted(answered):
+            # DATA was held back with the RCPTs after a 452: send it now, alone.
+            with guard("data", timeouts.data_init):
+                data_reply = client.command(initiation)
+    nothing_to_deliver = not mail_reply.ok or not _accepted(answered)
+    if nothing_to_deliver and data_reply is not None and data_reply.code == 354:
+        # The server opened DATA although nothing can be delivered: close it
+        # with an empty body (RFC 2920 §3.1) and let RSET discard it.
+        with guard("data", timeouts.data_end):
+            client.pipeline(["."])
+            client.reply()
+    return mail_reply, data_reply
+
+
+def _lock_step(
+    client: Client,
+    mail: str,
+    rcpts: list[str],
+    *,
+    initiation: str | None,
+    answered: list[Reply],
+    guard: StageGuard,
+    timeouts: Timeouts,
+) -> tuple[Reply, Reply | None]:
+    """The envelope one command at a time; no more RCPTs once the server is full."""
+    with guard("mail", timeouts.mail):
+        mail_reply = _unless_closing(client.command(mail), "mail")
+    if mail_reply.ok:
+        for line in rcpts:
+            with guard("rcpt", timeouts.rcpt):
+                reply = _unless_closing(client.command(line), "rcpt")
+            answered.append(reply)
+            if reply.too_many_recipients:
+                break
+    data_reply = None
+    if mail_reply.ok and _accepted(answered) and initiation:
+        with guard("data", timeouts.data_init):
+            data_reply = client.command(initiation)
+    return mail_reply, data_reply
 
 
 def _unless_closing(reply: Reply, stage: Stage) -> Reply:
@@ -244,11 +407,24 @@ def _recipient(address: str, reply: Reply) -> RecipientResult:
     status: RecipientStatus
     if reply.ok:
         status = "accepted"
-    elif 400 <= reply.code < 500:
-        status = "deferred"
+    elif 400 <= reply.code < 500 or reply.too_many_recipients:
+        status = "deferred"  # also a 552 "too many" (RFC 5321 §4.5.3.1.10)
     else:
         status = "rejected"
     return RecipientResult(address, status, reply.code, reply.text, reply.enhanced_code)
+
+
+def _failed(address: str, exc: SMTPError, own: Reply | None) -> RecipientResult:
+    """The result of a recipient whose (later) transaction failed with ``exc``."""
+    return RecipientResult(
+        address,
+        "deferred" if exc.is_transient else "rejected",
+        exc.code if exc.code is not None else -1,
+        exc.reply or exc.message,
+        exc.enhanced_code,
+        # Content that went out without a verdict may have been delivered.
+        in_doubt=exc.in_doubt and own is not None and own.ok,
+    )
 
 
 def _reply_error(message: str, stage: Stage, reply: Reply) -> SMTPReplyError:

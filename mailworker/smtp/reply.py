@@ -37,6 +37,20 @@ class Reply:
         return 200 <= self.code < 400
 
     @property
+    def too_many_recipients(self) -> bool:
+        """The server's limit of recipients per transaction is reached: the rest may
+        go in another transaction at once (RFC 5321 §4.5.3.1.10).
+
+        That is 452 (or 552 from servers that follow RFC 821's error) with RFC
+        3463's X.5.3 "too many recipients", or saying so in words: a 452 for a
+        full mailbox or a full disk is not one.
+        """
+        if self.code not in (452, 552):
+            return False
+        status = self.enhanced_code or (self.lines[-1].split(" ", 1)[0] if self.lines else "")
+        return status.endswith(".5.3") or "too many recipients" in self.text.lower()
+
+    @property
     def queue_id(self) -> str | None:
         """The server's queue id for an accepted message, when it gives one."""
         match = _QUEUE_ID.search(self.text)

@@ -15,13 +15,22 @@ RecipientStatus = Literal["accepted", "deferred", "rejected"]
 
 @dataclass(frozen=True)
 class RecipientResult:
-    """What the server said about one recipient."""
+    """What the server said about one recipient.
+
+    Attributes:
+        code: the server's reply code; ``-1`` when the recipient's transaction
+            failed without a reply (connection lost, timeout), ``reply`` says how.
+        in_doubt: the content went out for this recipient but no verdict came back:
+            the server may have delivered it (only in a later transaction of a
+            message split for the server's recipient limit; status is deferred).
+    """
 
     recipient: str
     status: RecipientStatus
     code: int
     reply: str
     enhanced_code: str | None = None
+    in_doubt: bool = False
 
     @property
     def is_transient(self) -> bool:
@@ -35,6 +44,7 @@ class RecipientResult:
             "code": self.code,
             "enhanced_code": self.enhanced_code,
             "reply": self.reply,
+            "in_doubt": self.in_doubt,
         }
 
 
@@ -42,17 +52,26 @@ class RecipientResult:
 class SendResult:
     """The outcome of :meth:`SMTPSession.send` for a message the server accepted.
 
+    A server that takes fewer recipients per transaction than the message has
+    (452 "too many recipients") gets the rest in further transactions on the same
+    session (RFC 5321 §4.5.3.1.10); every recipient still appears once, and if a
+    later transaction failed, its recipients are deferred or rejected here while
+    the ones delivered before stay accepted.
+
     Attributes:
         recipients: every recipient's outcome, in the order given.
-        reply: the server's final reply to the data (e.g. ``250 2.0.0 Ok: queued as X``).
+        reply: the server's final reply to the data (e.g. ``250 2.0.0 Ok: queued as X``);
+            of the first transaction when there were several.
         size: bytes of message content sent (after normalisation).
         transcript: the exchange for this message (content left out).
+        replies: the final reply of every transaction that delivered the message.
     """
 
     recipients: tuple[RecipientResult, ...]
     reply: Reply
     size: int
     transcript: tuple[TranscriptLine, ...] = field(default=(), repr=False)
+    replies: tuple[Reply, ...] = ()
 
     @property
     def accepted(self) -> list[str]:

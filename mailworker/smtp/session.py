@@ -236,11 +236,16 @@ class SMTPSession:
             message: the RFC 5322 message; line endings are normalised to CRLF and
                 leading dots stuffed, so nothing in it can end the data early.
             deadline: a ``time.monotonic()`` time by which the send must be over,
-                connecting included; every stage's timeout is cut to fit it.
+                connecting included; every stage's timeout (which bounds a whole
+                reply, however slowly it comes) is cut to fit it.
 
         Returns:
             The result when at least one recipient accepted the message; refused
-            recipients are listed there as deferred (4xx) or rejected (5xx).
+            recipients are listed there as deferred (4xx) or rejected (5xx). When
+            the server takes fewer recipients per transaction (452), the rest go in
+            further transactions at once; if one of those fails, its recipients
+            are deferred or rejected in the result rather than raised, for the
+            others already have the message.
 
         Raises:
             SMTPRecipientsRefused: no recipient was accepted.
@@ -269,6 +274,8 @@ class SMTPSession:
                 return self._transaction(envelope, payload)
         finally:
             self._deadline = None
+            if self._client is not None:
+                self._client.deadline = None
 
     def _transaction(self, envelope: Envelope, payload: bytes) -> SendResult:
         client = self._require()
@@ -277,7 +284,7 @@ class SMTPSession:
         client.transcript = transcript
         client.command_encoding = "utf-8" if envelope.utf8 else "ascii"
         try:
-            result = exchange(
+            outcome = exchange(
                 client,
                 envelope,
                 params=params,
@@ -285,24 +292,33 @@ class SMTPSession:
                 timeouts=self.profile.timeouts,
                 guard=self._stage,
             )
+            if outcome.error is not None:
+                # A later transaction (after a 452 "too many recipients") failed; the
+                # recipients of the earlier ones have the message: it is not raised.
+                self._after_failure(outcome.error)
         except SMTPError as exc:
-            if exc.code == 421:  # the server is closing this session
-                self._drop(send_quit=False)
-            elif self.connected:
-                self._reset()
+            self._after_failure(exc)
             exc.transcript = transcript.as_strings()  # with the RSET that followed
             raise
         finally:
             client.transcript = self.transcript
             client.command_encoding = "ascii"
-        self._sent += 1
+        self._sent += len(outcome.replies)
         self._last_used = time.monotonic()
         return SendResult(
-            recipients=result.recipients,
-            reply=result.reply,
-            size=result.size,
+            recipients=outcome.recipients,
+            reply=outcome.replies[0],
+            size=outcome.size,
             transcript=tuple(transcript.lines),
+            replies=outcome.replies,
         )
+
+    def _after_failure(self, exc: SMTPError) -> None:
+        """End a failed transaction: RSET, or drop a session the server is closing."""
+        if exc.code == 421:
+            self._drop(send_quit=False)
+        elif self.connected:
+            self._reset()
 
     def _ensure_ready(self) -> bool:
         """Connect or check the held session; True if a new session was opened."""
@@ -367,7 +383,9 @@ class SMTPSession:
         if client is None:
             return
         client.transcript = self.transcript
-        if send_quit and client.alive:
+        client.deadline = self._deadline  # QUIT too ends by the send's deadline
+        send_quit = send_quit and client.alive
+        if send_quit:
             with contextlib.suppress(OSError, smtplib.SMTPException, ValueError):
                 client.set_timeout(self.profile.timeouts.quit)
                 client.command("QUIT")
@@ -430,8 +448,11 @@ class SMTPSession:
         SMTPError (the session is dropped) carrying the session transcript."""
         client = self._client
         budget = self._budget(self.profile.timeouts.command if timeout is None else timeout, stage)
-        if client is not None and client.alive:
-            client.set_timeout(budget)
+        if client is not None:
+            # The budget bounds each reply as a whole; the deadline, everything.
+            client.deadline = self._deadline
+            if client.alive:
+                client.set_timeout(budget)
         try:
             yield
         except SMTPError:
