@@ -6,12 +6,17 @@ schema; the private modules beside it hold the parts (fields, addresses, headers
 attachments, MIME building).
 """
 
+from mailworker.message._headers import check_date, check_message_id
 from mailworker.message.payload import (
+    DEFAULT_LIMITS,
     MAIL_FIELDS,
+    MAX_KEY_LENGTH,
     MAX_MESSAGE_BYTES,
+    MAX_RECIPIENTS,
     RAW_FIELDS,
     TASK_OPTIONS,
     Attachment,
+    Limits,
     MailPayload,
     RawPayload,
     build_message,
@@ -19,13 +24,19 @@ from mailworker.message.payload import (
 )
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MAIL_FIELDS",
+    "MAX_KEY_LENGTH",
     "MAX_MESSAGE_BYTES",
+    "MAX_RECIPIENTS",
     "RAW_FIELDS",
     "TASK_OPTIONS",
     "Attachment",
+    "Limits",
     "MailPayload",
     "RawPayload",
     "build_message",
+    "check_date",
+    "check_message_id",
     "message_bytes",
 ]

@@ -113,8 +113,8 @@ def _check_attachment(where: str, attachment: Attachment) -> Attachment:
     )
 
 
-def check_attachments(value: object, has_html: bool, *, max_bytes: int) -> tuple[Attachment, ...]:
-    """The checked attachments; ``max_bytes`` bounds their total decoded size."""
+def check_attachments(value: object, has_html: bool) -> tuple[Attachment, ...]:
+    """The checked attachments (their size counts in the whole message's limit)."""
     if not isinstance(value, tuple):
         fail("attachments", f"must be a tuple of Attachment, got {type_name(value)}")
     checked = tuple(_check_attachment(f"attachments[{i}]", a) for i, a in enumerate(value))
@@ -128,7 +128,4 @@ def check_attachments(value: object, has_html: bool, *, max_bytes: int) -> tuple
             first = content_ids[attachment.content_id]
             fail(f"attachments[{i}].content_id", f"the same id as attachments[{first}]")
         content_ids[attachment.content_id] = i
-    total = sum(len(a.content) for a in checked)
-    if total > max_bytes:
-        fail("attachments", f"{total} bytes in total, above the {max_bytes} byte limit")
     return checked

@@ -56,14 +56,9 @@ def _check_header(name: str, value: object) -> tuple[str, str]:
         fail(where, "Resent-* fields are for re-sending an existing message; use send_message")
     text = header_text(where, value)
     if lower in {"date", "orig-date"}:
-        try:
-            parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            fail(where, f"{text!r} is not an RFC 5322 date like 'Tue, 01 Jul 2025 10:00:00 +0000'")
+        text = check_date(where, text)
     elif lower == "message-id":
-        if not _MSG_ID.fullmatch(text.strip()):
-            fail(where, f"{text!r} does not look like <unique-id@your.domain>")
-        text = text.strip()
+        text = check_message_id(where, text)
     elif lower == "sender":
         text = str(parse_address(where, text))
     elif text.isascii():
@@ -72,6 +67,24 @@ def _check_header(name: str, value: object) -> tuple[str, str]:
         if len(name) + 2 + longest > _MAX_LINE:
             fail(where, f"a {longest}-character word makes a line longer than 998 octets")
     return name, text
+
+
+def check_date(where: str, value: object) -> str:
+    """An RFC 5322 date (``Tue, 01 Jul 2025 10:00:00 +0000``), as given."""
+    text = header_text(where, value)
+    try:
+        parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        fail(where, f"{text!r} is not an RFC 5322 date like 'Tue, 01 Jul 2025 10:00:00 +0000'")
+    return text
+
+
+def check_message_id(where: str, value: object) -> str:
+    """A Message-ID (``<unique-id@your.domain>``), stripped."""
+    text = header_text(where, value).strip()
+    if not _MSG_ID.fullmatch(text) or len(text) > 250:
+        fail(where, f"{text!r} does not look like <unique-id@your.domain>")
+    return text
 
 
 def check_headers(value: object) -> tuple[tuple[str, str], ...]:

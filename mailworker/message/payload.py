@@ -49,21 +49,70 @@ from mailworker.message._headers import check_headers
 from mailworker.message._mime import build_message, message_bytes
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MAIL_FIELDS",
+    "MAX_KEY_LENGTH",
     "MAX_MESSAGE_BYTES",
+    "MAX_RECIPIENTS",
     "RAW_FIELDS",
     "TASK_OPTIONS",
     "Attachment",
+    "Limits",
     "MailPayload",
     "RawPayload",
     "build_message",
     "message_bytes",
 ]
 
-#: Upper bound, in bytes, of a send_mail payload's decoded attachments and of a
-#: send_message payload's message. Most providers refuse mail much above 25 MiB, so a larger
-#: one would only bounce later; refusing it here fails it early and permanently.
+#: Default upper bound, in bytes, of a whole message as sent. Most providers refuse mail
+#: much above 25 MiB, so a larger one would only bounce later; refusing it here fails it
+#: early and permanently (``MAILWORKER_MAX_MESSAGE_BYTES``).
 MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024
+#: Default upper bound of a message's envelope recipients (``MAILWORKER_MAX_RECIPIENTS``):
+#: Postfix takes 1,000 per transaction by default; transactional mail needs far fewer.
+MAX_RECIPIENTS: Final = 1000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one message may hold, checked from the payload's encoded sizes before
+    anything large is decoded or built, and again on the bytes built.
+
+    Attributes:
+        max_message_bytes: the whole message as sent (headers, bodies, attachments).
+        max_recipients: envelope recipients (to, cc and bcc together, or recipients).
+    """
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_recipients: int = MAX_RECIPIENTS
+
+    def check_size(self, size: int, field: str = "message") -> None:
+        """Raise InvalidMessageError naming ``field`` if ``size`` bytes is too much."""
+        if size > self.max_message_bytes:
+            fail(
+                field,
+                f"the message is {size} bytes, above the limit of {self.max_message_bytes}"
+                " (MAILWORKER_MAX_MESSAGE_BYTES)",
+            )
+
+    def check_recipients(self, counts: Mapping[str, int]) -> None:
+        """Raise InvalidMessageError if the fields' recipients together are too many;
+        the error names the field with the most."""
+        total = sum(counts.values())
+        if total > self.max_recipients:
+            field = max(counts, key=lambda name: counts[name])
+            fail(
+                field,
+                f"{total} recipients, above the limit of {self.max_recipients}"
+                " (MAILWORKER_MAX_RECIPIENTS): split the message",
+            )
+
+
+#: Longest ``idempotency_key`` (it names Redis keys and travels with every retry).
+MAX_KEY_LENGTH: Final = 200
+
+#: The limits when none are given.
+DEFAULT_LIMITS: Final = Limits()
 
 #: send_mail keyword arguments that describe the message.
 MAIL_FIELDS: Final = (
@@ -93,6 +142,34 @@ def _task_options(kwargs: Mapping[str, object]) -> None:
     key = optional_str("idempotency_key", kwargs.get("idempotency_key"))
     if key is not None and not key.strip():
         fail("idempotency_key", "must not be empty (pass null for none)")
+    if key is not None and len(key) > MAX_KEY_LENGTH:
+        fail("idempotency_key", f"at most {MAX_KEY_LENGTH} characters (hash a longer one)")
+
+
+def _count(value: object) -> int:
+    """How many addresses a field gives, before they are parsed."""
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return 0 if value is None else 1
+
+
+def _decoded_size(text: str) -> int:
+    """The size of valid base64 ``text`` once decoded, without decoding (or copying) it."""
+    return (len(text) - sum(text.count(c) for c in " \t\r\n=")) * 3 // 4
+
+
+def _encoded_size(kwargs: Mapping[str, object]) -> int:
+    """A lower bound of the message's size as sent, from the payload as it came: the
+    bodies' characters and the attachments' base64 (which is what goes on the wire)."""
+    size = 0
+    for name in ("subject", "text", "html"):
+        value = kwargs.get(name)
+        size += len(value) if isinstance(value, str) else 0
+    attachments = kwargs.get("attachments")
+    for item in attachments if isinstance(attachments, (list, tuple)) else ():
+        content = item.get("content") if isinstance(item, Mapping) else None
+        size += len(content) if isinstance(content, str) else 0
+    return size
 
 
 # -- send_mail --------------------------------------------------------------------------
@@ -147,14 +224,15 @@ class MailPayload:
         if self.text is None and self.html is None:
             fail("text", "required: pass text or html (or both)")
         set_field(self, "headers", check_headers(self.headers))
-        attachments = check_attachments(
-            self.attachments, self.html is not None, max_bytes=MAX_MESSAGE_BYTES
-        )
-        set_field(self, "attachments", attachments)
+        set_field(self, "attachments", check_attachments(self.attachments, self.html is not None))
 
     @classmethod
     def from_task_kwargs(
-        cls, kwargs: Mapping[str, object], *, default_from: str | None
+        cls,
+        kwargs: Mapping[str, object],
+        *,
+        default_from: str | None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> MailPayload:
         """Validate ``send_mail`` keyword arguments (JSON values) into a payload.
 
@@ -166,6 +244,7 @@ class MailPayload:
                 left to the task.
             default_from: The sender when ``from_email`` is missing
                 (``MAILWORKER_DEFAULT_FROM``), or None if none is configured.
+            limits: Size and recipient bounds, checked before attachments are decoded.
 
         Returns:
             The validated payload.
@@ -176,6 +255,8 @@ class MailPayload:
         """
         check_fields(kwargs, (*MAIL_FIELDS, *TASK_OPTIONS))
         _task_options(kwargs)
+        limits.check_size(_encoded_size(kwargs))
+        limits.check_recipients({name: _count(kwargs.get(name)) for name in ("to", "cc", "bcc")})
         from_email = kwargs.get("from_email")
         if from_email is None:
             if default_from is None:
@@ -244,8 +325,6 @@ def _check_raw(name: str, data: object) -> bytes:
         fail(name, f"must be bytes, got {type_name(data)}")
     if not data.strip():
         fail(name, "the message is empty")
-    if len(data) > MAX_MESSAGE_BYTES:
-        fail(name, f"the message is {len(data)} bytes, above the {MAX_MESSAGE_BYTES} limit")
     headers = _header_block(data)
     if not headers.keys():
         fail(name, "not an RFC 5322 message: it must start with 'Name: value' header lines")
@@ -281,7 +360,9 @@ class RawPayload:
         object.__setattr__(self, "recipients", recipients)
 
     @classmethod
-    def from_task_kwargs(cls, kwargs: Mapping[str, object]) -> RawPayload:
+    def from_task_kwargs(
+        cls, kwargs: Mapping[str, object], *, limits: Limits = DEFAULT_LIMITS
+    ) -> RawPayload:
         """Validate ``send_message`` keyword arguments (JSON values) into a payload.
 
         Args:
@@ -289,6 +370,7 @@ class RawPayload:
                 ``""`` for the null sender), ``recipients`` (an address or a list), and
                 optionally ``profile`` and ``idempotency_key``, which are checked and left
                 to the task.
+            limits: Size and recipient bounds; the size is checked before decoding.
 
         Returns:
             The validated payload.
@@ -298,7 +380,12 @@ class RawPayload:
         """
         check_fields(kwargs, (*RAW_FIELDS, *TASK_OPTIONS))
         _task_options(kwargs)
-        message = _check_raw("raw_b64", decode_base64("raw_b64", kwargs.get("raw_b64")))
+        encoded = kwargs.get("raw_b64")
+        if isinstance(encoded, str):
+            limits.check_size(_decoded_size(encoded), "raw_b64")  # before decoding
+        limits.check_recipients({"recipients": _count(kwargs.get("recipients"))})
+        message = _check_raw("raw_b64", decode_base64("raw_b64", encoded))
+        limits.check_size(len(message), "raw_b64")
         hint = ' (use "" for the null sender)'
         envelope_from = required_str("envelope_from", kwargs.get("envelope_from"), hint)
         recipients = address_list("recipients", kwargs.get("recipients"))

@@ -25,7 +25,15 @@ from kombu.utils.url import maybe_sanitize_url
 from mailworker.errors import ConfigError, PublishError
 from mailworker.queue.names import route_options
 
-__all__ = ["JSON_ONLY", "Producer", "load_celery_app", "producer_app"]
+__all__ = [
+    "JSON_ONLY",
+    "Producer",
+    "fail_fast",
+    "load_celery_app",
+    "producer_app",
+    "publish_error",
+    "publish_errors",
+]
 
 #: Celery settings that keep pickle out: a broker message can't run code in a worker.
 JSON_ONLY: Final[dict[str, Any]] = {
@@ -66,12 +74,28 @@ def producer_app(broker_url: str) -> Celery:
                 broker_url=broker_url,
                 result_backend=broker_url,
                 broker_connection_retry_on_startup=True,
-                broker_transport_options={"socket_connect_timeout": CONNECT_TIMEOUT},
-                result_backend_transport_options={"retry_policy": RESULT_RETRY_POLICY},
-                redis_socket_connect_timeout=CONNECT_TIMEOUT,
             )
+            app.conf.update(fail_fast(app, CONNECT_TIMEOUT))
             _apps[broker_url] = app
         return app
+
+
+def fail_fast(app: Celery, timeout: float) -> dict[str, Any]:
+    """``app.conf`` updates that make publishing to an unreachable broker or result store
+    fail within about ``timeout`` seconds (Celery's defaults retry for ~20 s)."""
+    conf = app.conf
+    return {
+        "broker_transport_options": {
+            **(conf.broker_transport_options or {}),
+            "socket_connect_timeout": timeout,
+        },
+        "result_backend_transport_options": {
+            **(conf.result_backend_transport_options or {}),
+            "retry_policy": RESULT_RETRY_POLICY,
+        },
+        "redis_socket_connect_timeout": timeout,
+        "broker_connection_timeout": timeout,  # amqp
+    }
 
 
 def load_celery_app(value: object, setting: str) -> Celery:
@@ -144,12 +168,17 @@ class Producer:
             return self.app.send_task(
                 task, kwargs=kwargs, task_id=task_id, ignore_result=not store_result, **options
             )
-        except _publish_errors() as exc:
-            where = maybe_sanitize_url(str(self.app.conf.broker_url))
-            raise PublishError(f"could not publish {task} to {where}: {exc}") from exc
+        except publish_errors() as exc:
+            raise publish_error(self.app, task, exc) from exc
 
 
-def _publish_errors() -> tuple[type[BaseException], ...]:
+def publish_error(app: Celery, task: str, exc: BaseException) -> PublishError:
+    """The error for a failed publish of ``task``: it names the broker, password hidden."""
+    where = maybe_sanitize_url(str(app.conf.broker_url))
+    return PublishError(f"could not publish {task} to {where}: {exc}")
+
+
+def publish_errors() -> tuple[type[BaseException], ...]:
     """The errors of a broker or result store that is unreachable.
 
     redis-py's errors count when the Redis transport has loaded it; a process that

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 
 from mailworker.queue.names import TASK_NAMES
-from mailworker.queue.producer import JSON_ONLY
+from mailworker.queue.producer import JSON_ONLY, fail_fast
 from mailworker.worker.settings import Settings
 
 #: The settings each configured app's tasks deliver with (kept off ``app.conf``: they
@@ -75,6 +75,9 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
         },
         "broker_connection_retry_on_startup": True,
     }
+    app.conf.update(updates)
+    # Merged into the transport options just set.
+    updates = fail_fast(app, settings.publish_timeout)
     annotations = app.conf.task_annotations
     updates["task_annotations"] = [
         dict.fromkeys(TASK_NAMES, _limits(settings)),

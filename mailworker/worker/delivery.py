@@ -37,7 +37,7 @@ from mailworker.store.deadletter import DeadLetter, DeadLetterReason, DeadLetter
 from mailworker.store.ledger import Ledger
 from mailworker.store.schedule import RetrySchedule
 from mailworker.worker import outcome
-from mailworker.worker.outcome import Meta, SentResult, TaskResult
+from mailworker.worker.outcome import Meta, SentResult, TaskResult, check_key, check_meta
 from mailworker.worker.prepare import Prepared, prepare, profile_of
 from mailworker.worker.retry import RetryPolicy
 from mailworker.worker.sessions import SessionPool
@@ -97,7 +97,14 @@ class Delivery:
                 caller hands the task message back to the broker).
         """
         started = self._clock()
-        meta = _meta(kwargs, task_id, started, queue=queue, exchange=exchange)
+        try:
+            meta = _meta(kwargs, task_id, started, queue=queue, exchange=exchange)
+            malformed = None
+        except InvalidMessageError as exc:
+            # Anyone with broker access can write a task message: a malformed _meta or
+            # key is the message's fault, dead-lettered with a fresh state of its own.
+            meta = _meta({}, task_id, started, queue=queue, exchange=exchange)
+            malformed = exc
         key = meta["key"]
         limit = time_limit or self.settings.task_time_limit
         attempt = _Attempt(
@@ -109,6 +116,8 @@ class Delivery:
             started=started,
             time_limit=limit,
         )
+        if malformed is not None:
+            attempt.give_up("invalid", _invalid(malformed))
         origin = meta["origin"]
         done = _sent_record(self.ledger, key)
         if done is not None and _follow_up_done(done):
@@ -155,10 +164,13 @@ def _meta(
     queue: str | None,
     exchange: str | None,
 ) -> Meta:
-    """The task's ``_meta``, started on its first run."""
-    # JSON from the broker: the keys read below are the ones this module wrote.
-    meta = cast("Meta", dict(kwargs.get("_meta") or {}))
-    meta.setdefault("key", kwargs.get("idempotency_key") or task_id)
+    """The task's ``_meta``, checked, and started on its first run.
+
+    Raises:
+        InvalidMessageError: ``_meta`` or ``idempotency_key`` is malformed.
+    """
+    meta = cast("Meta", check_meta(kwargs.get("_meta")))
+    meta.setdefault("key", check_key(kwargs.get("idempotency_key")) or task_id)
     meta.setdefault("first_attempt_at", started)
     meta.setdefault("origin", task_id)
     if queue:
@@ -166,6 +178,11 @@ def _meta(
         if exchange:
             meta.setdefault("exchange", exchange)
     return meta
+
+
+def _invalid(exc: InvalidMessageError) -> dict[str, Any]:
+    """The dead-letter error of an invalid message."""
+    return {"type": type(exc).__name__, "message": str(exc), "field": exc.field}
 
 
 def _sent_record(ledger: Ledger, key: str) -> SentResult | None:
@@ -215,7 +232,14 @@ class _Attempt:
     # -- the happy path ----------------------------------------------------------
 
     def deliver(self) -> TaskResult:
-        prepared = self.prepare()
+        try:
+            prepared = self.prepare()
+        except ConfigError as exc:
+            # This worker lacks the profile or cannot read it (a rolling deploy, a bad
+            # variable): its configuration, not the message, so the message waits; past
+            # the maximum age it is dead-lettered as exhausted with this error.
+            error = {"type": "ConfigError", "message": str(exc), "field": "profile"}
+            return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
         self.message_id = prepared.message_id
         self.summary = prepared.summary
         retrying = self.d.policy.retrying(
@@ -299,7 +323,11 @@ class _Attempt:
 
     def prepare(self) -> Prepared:
         """Validate and build the message (the profile is checked too, before any I/O);
-        an invalid one is dead-lettered at once."""
+        an invalid one is dead-lettered at once.
+
+        Raises:
+            ConfigError: this worker has no such profile, or cannot read it.
+        """
         try:
             return prepare(
                 self.task,
@@ -307,12 +335,10 @@ class _Attempt:
                 self.meta,
                 default_from=self.d.settings.default_from,
                 check_profile=self.d.pool.get,
+                limits=self.d.settings.message_limits,
             )
-        except (InvalidMessageError, ConfigError) as exc:
-            field = exc.field if isinstance(exc, InvalidMessageError) else "profile"
-            self.give_up(
-                "invalid", {"type": type(exc).__name__, "message": str(exc), "field": field}
-            )
+        except InvalidMessageError as exc:
+            self.give_up("invalid", _invalid(exc))
 
     def sent(self, result: SendResult) -> SentResult:
         """The result for the server's acceptance of this message."""

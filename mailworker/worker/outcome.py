@@ -7,8 +7,11 @@ here as ``TypedDict``s. Each result shape is built by one function below.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+import math
+from typing import Any, Literal, NoReturn, TypedDict
 
+from mailworker.errors import InvalidMessageError
+from mailworker.message import MAX_KEY_LENGTH, check_date, check_message_id
 from mailworker.smtp import SendResult
 
 
@@ -37,6 +40,80 @@ class Meta(_MetaRequired, total=False):
     retries: int
     #: One ``{"at": float, "error": str | None}`` per attempt that failed.
     history: list[dict[str, Any]]
+
+
+#: Bounds of ``_meta`` values read back from the broker.
+_MAX_META_KEY = 1024
+_MAX_COUNT = 1_000_000
+#: Entries of ``history`` kept (the oldest are dropped).
+_MAX_HISTORY = 50
+
+
+def check_meta(value: object) -> dict[str, Any]:
+    """``_meta`` as it came back from the broker, checked like any payload: it is read
+    from a message anyone with broker access could have written.
+
+    Returns:
+        The known keys, checked (unknown ones are dropped: a newer worker may add some).
+
+    Raises:
+        InvalidMessageError: a value is malformed; ``field`` names it (``_meta.<key>``).
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        fail("_meta", f"must be an object, got {type(value).__name__}")
+    meta: dict[str, Any] = {}
+    for name, limit in (("key", _MAX_META_KEY), ("origin", 256), ("queue", 255), ("exchange", 255)):
+        if name in value:
+            meta[name] = _text(f"_meta.{name}", value[name], limit)
+    if "first_attempt_at" in value:
+        meta["first_attempt_at"] = _number("_meta.first_attempt_at", value["first_attempt_at"])
+    for name in ("attempts", "retries"):
+        if name in value:
+            meta[name] = int(_number(f"_meta.{name}", value[name], integer=True))
+    if "message_id" in value:
+        meta["message_id"] = check_message_id("_meta.message_id", value["message_id"])
+    if "date" in value:
+        meta["date"] = check_date("_meta.date", value["date"])
+    if "recipients" in value:
+        recipients = value["recipients"]
+        if not isinstance(recipients, list) or not recipients:
+            fail("_meta.recipients", "must be a non-empty list of addresses")
+        meta["recipients"] = [_text("_meta.recipients", r, 254) for r in recipients]
+    if "history" in value:
+        history = value["history"]
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            fail("_meta.history", "must be a list of objects")
+        meta["history"] = history[-_MAX_HISTORY:]
+    return meta
+
+
+def check_key(value: object) -> str | None:
+    """The task's ``idempotency_key`` (None when it has none), before anything is keyed
+    on it."""
+    if value is None:
+        return None
+    return _text("idempotency_key", value, MAX_KEY_LENGTH)
+
+
+def fail(where: str, problem: str) -> NoReturn:
+    raise InvalidMessageError(where, problem)
+
+
+def _text(where: str, value: object, limit: int) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        fail(where, f"must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def _number(where: str, value: object, *, integer: bool = False) -> float:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        fail(where, f"must be a{'n integer' if integer else ' number'}, got {value!r}"[:200])
+    if not math.isfinite(value) or not 0 <= value <= (_MAX_COUNT if integer else 1e11):
+        fail(where, f"out of range: {value!r}")
+    return value
 
 
 class TaskResult(TypedDict):
@@ -198,6 +275,8 @@ __all__ = [
     "Meta",
     "SentResult",
     "TaskResult",
+    "check_key",
+    "check_meta",
     "dead_lettered",
     "deferred",
     "locked",

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
-from mailworker.message import MailPayload, RawPayload, build_message, message_bytes
+from mailworker.errors import InvalidMessageError
+from mailworker.message import (
+    DEFAULT_LIMITS,
+    Limits,
+    MailPayload,
+    RawPayload,
+    build_message,
+    message_bytes,
+)
 from mailworker.queue.names import SEND_MESSAGE
 from mailworker.smtp.profile import normalize_profile_name
 from mailworker.worker.outcome import Meta
@@ -38,6 +46,7 @@ def prepare(
     *,
     default_from: str | None,
     check_profile: Callable[[str], object],
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Prepared:
     """Validate the task's message and build it; ``meta`` gains its Message-ID and
     Date on the first attempt and gives them back on every later one.
@@ -50,17 +59,17 @@ def prepare(
     override = meta.get("recipients")
     profile = profile_of(kwargs)
     if task == SEND_MESSAGE:
-        raw = RawPayload.from_task_kwargs(fields)
+        raw = RawPayload.from_task_kwargs(fields, limits=limits)
         check_profile(profile)
         return Prepared(
             raw.envelope_from,
-            list(override or raw.recipients),
+            _own(override, raw.recipients),
             raw.message,
             raw.message_id,
             None,
             raw.summary(),
         )
-    payload = MailPayload.from_task_kwargs(fields, default_from=default_from)
+    payload = MailPayload.from_task_kwargs(fields, default_from=default_from, limits=limits)
     check_profile(profile)
     message = build_message(payload)
     # Every attempt of a message sends the same Message-ID and Date; the id is
@@ -73,14 +82,29 @@ def prepare(
         )
     _pin(message, "Message-ID", meta.setdefault("message_id", message["Message-ID"]))
     _pin(message, "Date", meta.setdefault("date", message["Date"]))
+    data = message_bytes(message)
+    # The payload's sizes bound it from below; quoted-printable bodies can grow it.
+    limits.check_size(len(data))
     return Prepared(
         payload.envelope_from,
-        list(override or payload.recipients),
-        message_bytes(message),
+        _own(override, payload.recipients),
+        data,
         meta["message_id"],
         meta["date"],
         payload.summary(),
     )
+
+
+def _own(subset: list[str] | None, recipients: tuple[str, ...]) -> list[str]:
+    """The recipients a retry is for (``_meta.recipients``): only the message's own."""
+    if subset is None:
+        return list(recipients)
+    strangers = [r for r in subset if r not in recipients]
+    if strangers:
+        raise InvalidMessageError(
+            "_meta.recipients", f"names {strangers[0]!r}, not a recipient of the message"
+        )
+    return list(subset)
 
 
 def profile_of(kwargs: dict[str, Any]) -> str:

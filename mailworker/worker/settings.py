@@ -22,6 +22,12 @@
                                       34 MiB: a 25 MiB message, base64-encoded); a record
                                       over it keeps its error and transcript but cannot
                                       be re-queued
+``MAILWORKER_MAX_MESSAGE_BYTES``      largest message as sent (default 26214400, 25 MiB);
+                                      a larger one is dead-lettered ``invalid`` before its
+                                      attachments are decoded
+``MAILWORKER_MAX_RECIPIENTS``         most envelope recipients of one message (default 1000)
+``MAILWORKER_PUBLISH_TIMEOUT``        seconds ``send_mail.delay`` waits for an unreachable
+                                      broker before it fails (default 5)
 ``MAILWORKER_LOG_FORMAT``             ``json`` or ``console`` (default: console on a TTY)
 ====================================  ==========================================
 
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailworker.errors import ConfigError
+from mailworker.message.payload import MAX_MESSAGE_BYTES, MAX_RECIPIENTS, Limits
 from mailworker.queue.names import DEFAULT_BROKER_URL
 
 DEFAULT_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0, 14400.0)
@@ -66,6 +73,9 @@ class Settings:
     dlq_max_bytes: int = DEFAULT_DLQ_MAX_BYTES
     dlq_max_payload_bytes: int = DEFAULT_DLQ_MAX_PAYLOAD_BYTES
     log_format: str | None = None
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_recipients: int = MAX_RECIPIENTS
+    publish_timeout: float = 5.0
     #: Short in-process retries (tenacity) before a delayed retry is scheduled.
     inprocess_attempts: int = 3
     #: Upper bound of all in-process waits together, in seconds.
@@ -94,8 +104,20 @@ class Settings:
             raise ConfigError(
                 "MAILWORKER_RETRY_JITTER: give a fraction from 0 to below 1, e.g. 0.1"
             )
+        for var, value in (
+            ("MAILWORKER_MAX_MESSAGE_BYTES", self.max_message_bytes),
+            ("MAILWORKER_MAX_RECIPIENTS", self.max_recipients),
+            ("MAILWORKER_PUBLISH_TIMEOUT", self.publish_timeout),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{var}: must be above 0")
         if self.log_format not in (None, "json", "console"):
             raise ConfigError("MAILWORKER_LOG_FORMAT: use 'json' or 'console'")
+
+    @property
+    def message_limits(self) -> Limits:
+        """What one message may hold (size, recipients)."""
+        return Limits(self.max_message_bytes, self.max_recipients)
 
     @property
     def dlq_limits(self) -> dict[str, Any]:
@@ -127,6 +149,7 @@ class Settings:
             "MAILWORKER_TASK_TIME_LIMIT": "task_time_limit",
             "MAILWORKER_DLQ_TTL": "dlq_ttl",
             "MAILWORKER_RETRY_JITTER": "retry_jitter",
+            "MAILWORKER_PUBLISH_TIMEOUT": "publish_timeout",
         }
         for var, name in numbers.items():
             if env.get(var):
@@ -136,6 +159,8 @@ class Settings:
             "MAILWORKER_DLQ_MAX": "dlq_max",
             "MAILWORKER_DLQ_MAX_BYTES": "dlq_max_bytes",
             "MAILWORKER_DLQ_MAX_PAYLOAD_BYTES": "dlq_max_payload_bytes",
+            "MAILWORKER_MAX_MESSAGE_BYTES": "max_message_bytes",
+            "MAILWORKER_MAX_RECIPIENTS": "max_recipients",
         }.items():
             if env.get(var):
                 kwargs[name] = int(_number(var, env[var], int))

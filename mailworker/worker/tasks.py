@@ -29,7 +29,7 @@ from celery.local import Proxy
 
 from mailworker.errors import DeadLetteredError
 from mailworker.queue.names import SEND_MAIL, SEND_MESSAGE
-from mailworker.queue.producer import Producer
+from mailworker.queue.producer import Producer, publish_error, publish_errors
 from mailworker.smtp.profile import Profile
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule, ScheduledTask
@@ -153,6 +153,16 @@ class _MailTask(Task):  # type: ignore[type-arg]
             given = {names[i] if i < len(names) else f"args[{i}]": a for i, a in enumerate(args)}
             return _run(self, self.name, {**given, **kwargs})
         return super().__call__(*args, **kwargs)
+
+    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+        """Publish (``delay`` comes here too); an unreachable broker is a PublishError
+        naming it, within MAILWORKER_PUBLISH_TIMEOUT."""
+        try:
+            return super().apply_async(*args, **kwargs)
+        except publish_errors() as exc:
+            if self.app.conf.task_always_eager:
+                raise  # the task ran here: its own error, not the broker's
+            raise publish_error(self.app, self.name, exc) from exc
 
 
 _TASK_OPTIONS["base"] = _MailTask

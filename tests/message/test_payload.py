@@ -670,21 +670,28 @@ class TestMailValidation:
 
 
 class TestSizeLimit:
-    """Attachments above MAX_MESSAGE_BYTES in total are refused."""
+    """A message above the size limit is refused as a whole."""
 
     def test_default_limit(self) -> None:
         """The limit is 25 MiB."""
         assert message.MAX_MESSAGE_BYTES == 25 * 1024 * 1024
+        assert message.DEFAULT_LIMITS.max_message_bytes == 25 * 1024 * 1024
 
-    def test_total_over_limit(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """The total of decoded attachments is checked, naming the attachments field."""
-        monkeypatch.setattr(message, "MAX_MESSAGE_BYTES", 100)
+    def test_total_over_limit(self) -> None:
+        """The attachments' encoded sizes count with the bodies; the error names the
+        message and the setting."""
+        limits = message.Limits(max_message_bytes=200)
         files = [{"filename": f"{i}.bin", "content": b64(bytes(40))} for i in range(3)]
-        payload(attachments=files[:2])
+        kwargs = {"to": "ann@example.org", "subject": "s", "text": "t" * 40}
+        MailPayload.from_task_kwargs(
+            {**kwargs, "attachments": files[:2]}, default_from="a@example.com", limits=limits
+        )
         with pytest.raises(InvalidMessageError) as caught:
-            payload(attachments=files)
-        assert caught.value.field == "attachments"
-        assert "120 bytes" in str(caught.value)
+            MailPayload.from_task_kwargs(
+                {**kwargs, "attachments": files}, default_from="a@example.com", limits=limits
+            )
+        assert caught.value.field == "message"
+        assert "MAILWORKER_MAX_MESSAGE_BYTES" in str(caught.value)
 
 
 def all_lines(data: bytes) -> list[bytes]:
@@ -909,11 +916,12 @@ class TestRawPayload:
         by_address = build_envelope("", ascii_message.recipients, ascii_message.message)
         assert (by_address.utf8, by_address.eight_bit) == (True, False)
 
-    def test_size_limit(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A message above MAX_MESSAGE_BYTES is refused, naming raw_b64."""
-        monkeypatch.setattr(message, "MAX_MESSAGE_BYTES", len(RAW) - 1)
+    def test_size_limit(self) -> None:
+        """A message above the size limit is refused, naming raw_b64."""
+        limits = message.Limits(max_message_bytes=len(RAW) - 1)
+        RawPayload.from_task_kwargs(raw_kwargs(), limits=message.Limits(len(RAW)))
         with pytest.raises(InvalidMessageError) as caught:
-            RawPayload.from_task_kwargs(raw_kwargs())
+            RawPayload.from_task_kwargs(raw_kwargs(), limits=limits)
         assert caught.value.field == "raw_b64"
 
     def test_accepts_built_message(self) -> None:

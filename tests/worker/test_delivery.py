@@ -242,7 +242,6 @@ INVALID_PAYLOADS = [
         "headers['X-Note']",
         id="crlf-in-extra-header",
     ),
-    pytest.param(SEND_MAIL, mail(profile="nope"), "profile", id="unknown-profile"),
     pytest.param(
         SEND_MAIL,
         mail(attachments=[{"filename": "a.txt", "content": "%%% not base64 %%%"}]),
@@ -288,6 +287,21 @@ class TestInvalid:
         assert record.task == task
         assert record.task_id == "task-invalid"
         assert schedule.pending() == 0
+        assert smtpd.handler.counts["connections"] == 0
+
+    def test_unknown_profile_waits_for_the_worker_to_know_it(
+        self, delivery: Delivery, smtpd: SMTPServer, dlq: DeadLetterStore, schedule: RetrySchedule
+    ) -> None:
+        """A profile this worker lacks (a rolling deploy) is its configuration, not the
+        message's fault: the message is deferred, naming the variable, not dead-lettered."""
+        result = delivery.run(SEND_MAIL, "task-profile", mail(profile="nope"))
+
+        assert result["status"] == "deferred"
+        assert result["error"] is not None
+        assert result["error"]["field"] == "profile"
+        assert "MAILWORKER_SMTP_URL_NOPE" in result["error"]["message"]
+        assert schedule.pending() == 1
+        assert dlq.list() == []
         assert smtpd.handler.counts["connections"] == 0
 
 

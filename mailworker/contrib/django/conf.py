@@ -72,6 +72,9 @@ WORKER_KEYS = (
     "DLQ_TTL",
     "DLQ_MAX_BYTES",
     "DLQ_MAX_PAYLOAD_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "MAX_RECIPIENTS",
+    "PUBLISH_TIMEOUT",
     "LOG_FORMAT",
 )
 #: Every key ``settings.MAILWORKER`` may have.
