@@ -6,7 +6,9 @@ schema; the private modules beside it hold the parts (fields, addresses, headers
 attachments, MIME building).
 """
 
+from mailworker.message._address import to_ascii_domain
 from mailworker.message._headers import check_date, check_message_id
+from mailworker.message._mime import pin_header
 from mailworker.message.payload import (
     DEFAULT_LIMITS,
     MAIL_FIELDS,
@@ -39,4 +41,6 @@ __all__ = [
     "check_date",
     "check_message_id",
     "message_bytes",
+    "pin_header",
+    "to_ascii_domain",
 ]

@@ -20,7 +20,9 @@ _ARGUMENT_HEADERS: Final = {
     "subject": "subject",
 }
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # printable ASCII except ':' (RFC 5322 ftext)
-_MSG_ID = re.compile(r"<[!-;=?-~]+@[!-;=?-~]+>")  # printable ASCII except '<' and '>'
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+# RFC 5322 3.6.4: "<" dot-atom-text "@" (dot-atom-text / no-fold-literal) ">".
+_MSG_ID = re.compile(rf"<{_ATEXT}(?:\.{_ATEXT})*@(?:{_ATEXT}(?:\.{_ATEXT})*|\[[!-Z^-~]*\])>")
 _FOLD_WORD = re.compile(r"[ \t]*[^ \t]+|[ \t]+")
 # RFC 5322 §2.1.1: a line is at most 998 octets plus CRLF.
 _MAX_LINE: Final = 998

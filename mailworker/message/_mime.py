@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 from mailworker.message._address import parse_address, to_ascii_domain
 from mailworker.message._attachments import Attachment
 from mailworker.message._fields import fail
-from mailworker.message._wire import VerbatimHeader, header_mismatch
+from mailworker.message._wire import VerbatimHeader, disposition, header_mismatch
 
 if TYPE_CHECKING:
     from mailworker.message.payload import MailPayload
@@ -54,13 +54,10 @@ def _file_part(attachment: Attachment, policy: Policy) -> EmailMessage:
     part = _new_part(policy)
     maintype, _, subtype = (attachment.mimetype or "application/octet-stream").partition("/")
     inline = attachment.content_id is not None
-    part.set_content(
-        attachment.content,
-        maintype=maintype,
-        subtype=subtype,
-        disposition="inline" if inline else "attachment",
-        filename=attachment.filename,
-    )
+    part.set_content(attachment.content, maintype=maintype, subtype=subtype)
+    # Written by us, not the email package, which decodes encoded-words in parameters.
+    kind = "inline" if inline else "attachment"
+    part["Content-Disposition"] = disposition(kind, attachment.filename)
     if inline:
         part["Content-ID"] = VerbatimHeader("Content-ID", f"<{attachment.content_id}>")
     return part
@@ -116,9 +113,9 @@ def build_message(payload: MailPayload, *, message_id_domain: str | None = None)
         _set(msg, "Reply-To", "reply_to", _addresses("Reply-To", "reply_to", payload.reply_to))
     _set(msg, "Subject", "subject", VerbatimHeader.unstructured("Subject", payload.subject))
     date = payload.header("Date") or format_datetime(datetime.now().astimezone())
-    _set(msg, "Date", "headers['Date']", date)
+    _set(msg, "Date", "headers['Date']", VerbatimHeader.unstructured("Date", date))
     message_id = payload.header("Message-ID") or make_msgid(domain=id_domain)
-    _set(msg, "Message-ID", "headers['Message-ID']", message_id)
+    _set(msg, "Message-ID", "headers['Message-ID']", VerbatimHeader("Message-ID", message_id))
     for name, value in payload.headers:
         lower = name.lower()
         if lower in {"date", "message-id"}:
@@ -168,6 +165,12 @@ def message_bytes(msg: EmailMessage) -> bytes:
         field = _FIELDS.get(differs.lower(), f"headers[{differs!r}]")
         fail(field, "cannot be written as the header field it asks for (header injection?)")
     return data
+
+
+def pin_header(msg: EmailMessage, name: str, value: str) -> None:
+    """Replace ``name`` (Date, Message-ID) with a value checked before, written as it is."""
+    del msg[name]
+    msg[name] = VerbatimHeader(name, value)
 
 
 def _addresses(name: str, where: str, values: tuple[str, ...]) -> VerbatimHeader:

@@ -20,6 +20,7 @@ from email.parser import HeaderParser
 from email.policy import Policy
 from email.policy import default as default_policy
 from typing import Final
+from urllib.parse import quote
 
 #: Encoded-word payload bytes per word: 45 bytes are 60 base64 characters, so a word
 #: (``=?utf-8?b?`` + 60 + ``?=``) stays within RFC 2047's 75 characters.
@@ -30,6 +31,12 @@ _MAX_LINE: Final = 998
 # RFC 5322 atext plus space: a display name of these needs no quoting.
 _PHRASE_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]*")
 _WHITESPACE = re.compile(r"\s+")
+# A file name that can go in a quoted-string as it is.
+_SAFE_NAME = re.compile(r"[ !#-\[\]-~]+")
+# RFC 2231 attribute-char, less '%' (quote() adds it for escapes).
+_ATTR_CHARS = "!#$&+-.^_`|~"
+#: Characters of an RFC 2231 continuation, so each ``filename*N*=`` fits a line.
+_PIECE = 60
 
 
 def needs_encoding(text: str) -> bool:
@@ -38,23 +45,35 @@ def needs_encoding(text: str) -> bool:
     return not text.isascii() or "=?" in text
 
 
+def _longest_word(text: str) -> int:
+    return max((len(word) for word in _FOLD_WORD.findall(text)), default=0)
+
+
 def encoded_words(text: str) -> list[str]:
-    """``text`` as RFC 2047 base64 encoded-words, never splitting a character."""
-    chunks: list[bytes] = []
-    chunk = b""
+    """``text`` as RFC 2047 base64 encoded-words, never splitting a character, and
+    breaking before a space where one is near: the space then starts the next word, so a
+    reader that drops the whitespace between encoded-words (RFC 2047 section 6.2) and
+    one that keeps a space there (Python's address parser) both read the words apart."""
+    chunks: list[str] = []
+    chunk = ""
+    size = 0
     for char in text:
-        data = char.encode("utf-8")
-        if len(chunk) + len(data) > _WORD_BYTES:
-            chunks.append(chunk)
-            chunk = b""
-        chunk += data
+        width = len(char.encode("utf-8"))
+        if size + width > _WORD_BYTES:
+            cut = chunk.rfind(" ")
+            head, chunk = (chunk[:cut], chunk[cut:]) if cut > 0 else (chunk, "")
+            chunks.append(head)
+            size = len(chunk.encode("utf-8"))
+        chunk += char
+        size += width
     chunks.append(chunk)
-    return [f"=?utf-8?b?{base64.b64encode(c).decode('ascii')}?=" for c in chunks]
+    return [f"=?utf-8?b?{base64.b64encode(c.encode()).decode('ascii')}?=" for c in chunks]
 
 
 def display_name(name: str) -> str:
-    """A display name as a phrase: atoms, a quoted string, or encoded-words."""
-    if needs_encoding(name):
+    """A display name as a phrase: atoms, a quoted string, or encoded-words (also for a
+    word too long to fit a line of 998 octets, as encoded-words can be folded)."""
+    if needs_encoding(name) or _longest_word(name) > _MAX_LINE // 2:
         return " ".join(encoded_words(name))
     if _PHRASE_ATOMS.fullmatch(name) and name.strip() == name and "  " not in name:
         return name
@@ -83,6 +102,8 @@ class VerbatimHeader(str):
     wire: str
     #: For address fields, the (display name, address) pairs a reader must find.
     addresses: tuple[tuple[str, str], ...] | None
+    #: For MIME fields, the parameters a reader must find (decoded).
+    params: dict[str, str] | None
 
     def __new__(
         cls,
@@ -91,19 +112,20 @@ class VerbatimHeader(str):
         *,
         intended: str | None = None,
         addresses: tuple[Address, ...] | None = None,
+        params: dict[str, str] | None = None,
     ) -> VerbatimHeader:
         header = super().__new__(cls, wire if intended is None else intended)
         header.name = name
         header.wire = wire
         header.addresses = None if addresses is None else _pairs(addresses)
+        header.params = params
         return header
 
     @classmethod
     def unstructured(cls, name: str, text: str) -> VerbatimHeader:
         """Subject or an extra header: ASCII as it is, anything else (or a word too long
         for a line of 998 octets) as encoded-words."""
-        longest = max((len(word) for word in _FOLD_WORD.findall(text)), default=0)
-        if needs_encoding(text) or len(name) + 2 + longest > _MAX_LINE:
+        if needs_encoding(text) or len(name) + 2 + _longest_word(text) > _MAX_LINE:
             return cls(name, " ".join(encoded_words(text)), intended=text)
         return cls(name, text, intended=text)
 
@@ -132,9 +154,9 @@ class VerbatimHeader(str):
 
 
 def _pairs(addresses: tuple[Address, ...]) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        (_WHITESPACE.sub(" ", a.display_name).strip(), a.addr_spec.lower()) for a in addresses
-    )
+    # Whitespace is left out of display names: RFC 2047 readers drop it between
+    # adjacent encoded-words, Python's address parser keeps a space there.
+    return tuple((_WHITESPACE.sub("", a.display_name), a.addr_spec.lower()) for a in addresses)
 
 
 def _same_text(a: str, b: str) -> bool:
@@ -143,22 +165,34 @@ def _same_text(a: str, b: str) -> bool:
 
 
 def header_mismatch(msg: EmailMessage, data: bytes) -> str | None:
-    """Compare the serialised header block of ``msg`` (``data``) with ``msg``'s fields.
+    """Compare the serialised header block of ``msg`` (``data``) and of each of its
+    parts with the fields they were built with.
 
     Returns:
-        None when the block holds exactly ``msg``'s fields, in order, with the same
+        None when every block holds exactly its part's fields, in order, with the same
         meaning; otherwise the name of the first field that differs (or ``"headers"``
-        when the block has fields ``msg`` has not).
+        when a block has fields the part has not).
     """
     end = data.find(b"\r\n\r\n")
-    block = data[: end + 2] if end >= 0 else data
+    differs = _block_mismatch(msg, data[: end + 2] if end >= 0 else data)
+    for part in msg.walk():
+        if differs is not None:
+            return differs
+        if part is not msg:
+            # Folded exactly as the generator writes it, headers only (no body copy).
+            block = "".join(part.policy.fold(name, value) for name, value in part.items())
+            differs = _block_mismatch(part, block.encode())
+    return differs
+
+
+def _block_mismatch(part: EmailMessage, block: bytes) -> str | None:
     try:
         # UTF-8, not the parser's ASCII: an SMTPUTF8 message carries UTF-8 headers.
         parsed = HeaderParser(policy=default_policy).parsestr(block.decode() + "\r\n")
-        got = [(name, parsed_value) for name, parsed_value in parsed.items()]
+        got = list(parsed.items())
     except Exception:  # a block the parser cannot even read is not what we meant
-        return next(iter(msg.keys()), "headers")
-    wanted = list(msg.items())
+        return next(iter(part.keys()), "headers")
+    wanted = list(part.items())
     for (name, value), (got_name, got_value) in zip(wanted, got, strict=False):
         if name.lower() != got_name.lower():
             return name
@@ -176,4 +210,26 @@ def _same_value(value: object, got: object) -> bool:
     if isinstance(value, VerbatimHeader) and value.addresses is not None:
         found: tuple[Address, ...] = getattr(got, "addresses", ())  # registry AddressHeader
         return _pairs(found) == value.addresses
+    if isinstance(value, VerbatimHeader) and value.params is not None:
+        # A registry ParameterizedMIMEHeader: its parameters, decoded (RFC 2231).
+        return dict(getattr(got, "params", {})) == value.params
     return _same_text(str(value), str(got))
+
+
+def disposition(kind: str, filename: str) -> VerbatimHeader:
+    """``Content-Disposition: attachment; filename=...`` written by us: a plain quoted
+    name when that is safe, else RFC 2231 percent-encoding (``filename*0*=utf-8''...``)
+    in continuations, which no reader decodes into anything but the name."""
+    if filename.isascii() and _SAFE_NAME.fullmatch(filename) and "=?" not in filename:
+        wire = f'{kind}; filename="{filename}"'
+    else:
+        # Whole characters per continuation, so none ends inside a %XX escape.
+        pieces = [""]
+        for char in filename:
+            escaped = quote(char.encode("utf-8"), safe=_ATTR_CHARS)
+            if len(pieces[-1]) + len(escaped) > _PIECE:
+                pieces.append("")
+            pieces[-1] += escaped
+        pieces[0] = "utf-8''" + pieces[0]  # the charset, and no language
+        wire = "; ".join([kind, *(f"filename*{n}*={p}" for n, p in enumerate(pieces))])
+    return VerbatimHeader("Content-Disposition", wire, params={"filename": filename})

@@ -133,6 +133,8 @@ RAW_FIELDS: Final = ("raw_b64", "envelope_from", "recipients")
 #: the payload does not keep them.
 TASK_OPTIONS: Final = ("profile", "idempotency_key")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+# A line of more than 998 octets, its line ending left out (RFC 5322 2.1.1).
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
 
 
 def _task_options(kwargs: Mapping[str, object]) -> None:
@@ -325,6 +327,10 @@ def _check_raw(name: str, data: object) -> bytes:
         fail(name, f"must be bytes, got {type_name(data)}")
     if not data.strip():
         fail(name, "the message is empty")
+    long_line = _LONG_LINE.search(data)
+    if long_line is not None:
+        line = data.count(b"\n", 0, long_line.start()) + 1
+        fail(name, f"line {line} is longer than 998 octets (RFC 5322 2.1.1); servers refuse it")
     headers = _header_block(data)
     if not headers.keys():
         fail(name, "not an RFC 5322 message: it must start with 'Name: value' header lines")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Any
 
 from mailworker.errors import InvalidMessageError
@@ -16,6 +15,8 @@ from mailworker.message import (
     RawPayload,
     build_message,
     message_bytes,
+    pin_header,
+    to_ascii_domain,
 )
 from mailworker.queue.names import SEND_MESSAGE
 from mailworker.smtp.profile import normalize_profile_name
@@ -80,8 +81,8 @@ def prepare(
         meta.setdefault(
             "message_id", _message_id(meta["key"], meta["origin"], payload.envelope_from)
         )
-    _pin(message, "Message-ID", meta.setdefault("message_id", message["Message-ID"]))
-    _pin(message, "Date", meta.setdefault("date", message["Date"]))
+    pin_header(message, "Message-ID", meta.setdefault("message_id", str(message["Message-ID"])))
+    pin_header(message, "Date", meta.setdefault("date", str(message["Date"])))
     data = message_bytes(message)
     # The payload's sizes bound it from below; quoted-printable bodies can grow it.
     limits.check_size(len(data))
@@ -116,10 +117,5 @@ def _message_id(key: str, origin: str, sender: str) -> str:
     """A Message-ID that depends only on the message key, the task that first carried
     it and the sender's domain."""
     digest = hashlib.sha256(f"{key}\n{origin}".encode()).hexdigest()[:32]
-    domain = sender.rpartition("@")[2] or "mailworker.invalid"
-    return f"<{digest}@{domain}>"
-
-
-def _pin(message: EmailMessage, header: str, value: str) -> None:
-    del message[header]
-    message[header] = value
+    domain = sender.rpartition("@")[2]
+    return f"<{digest}@{to_ascii_domain(domain) if domain else 'mailworker.invalid'}>"

@@ -3,6 +3,7 @@ exactly the header fields the caller asked for, with the caller's text, on every
 
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import subprocess
@@ -87,6 +88,45 @@ class TestEncodedWords:
             ('Bob "the" Builder', "bob@example.org"),
         ]
         assert str(message["Subject"]) == "Grüße aus Köln, 東京"
+
+
+class TestPartHeaders:
+    """Attachment parts' fields are written by us too, and checked."""
+
+    @pytest.mark.parametrize(
+        "filename",
+        [
+            "=?utf-8?q?a=0D=0AContent-Type:_text=2Fhtml=0D=0A=0D=0Aboom?=",
+            "=?utf-8?q?evil=2Fpath.exe?=",
+            "Grüße \u2013 Rechnung 2026.pdf",
+            "x" * 240 + "é.pdf",
+            'quo"te; name=x.txt',
+        ],
+    )
+    def test_filename_reads_back_as_given(self, filename: str) -> None:
+        """A file name (encoded-words, non-ASCII, long, with quotes) reads back as
+        itself, the part has exactly its fields, and no line passes 998 octets."""
+        content = base64.b64encode(b"data").decode()
+        data = build(attachments=[{"filename": filename, "content": content}])
+        [part] = parse(data).iter_attachments()
+        assert part.get_filename() == filename
+        assert part.keys() == ["Content-Type", "Content-Transfer-Encoding", "Content-Disposition"]
+        assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+    def test_long_word_in_display_name(self) -> None:
+        """A display name with a 1,000-character word is folded as encoded-words, not
+        written as a line longer than 998 octets."""
+        data = build(to=f"{'w' * 1000} <ann@example.org>")
+        assert max(len(line) for line in data.split(b"\r\n")) <= 998
+        [address] = parse(data)["To"].addresses
+        assert address.display_name.replace(" ", "") == "w" * 1000
+
+    @pytest.mark.parametrize("message_id", ["<mailto:u@x.org>", "<a b@x.org>", "<@x.org>"])
+    def test_message_id_must_be_rfc_5322(self, message_id: str) -> None:
+        """A Message-ID header that is not dot-atom@domain is refused, naming it."""
+        with pytest.raises(InvalidMessageError) as caught:
+            build(headers={"Message-ID": message_id})
+        assert caught.value.field == "headers['Message-ID']"
 
 
 class TestSerialisedCheck:

@@ -56,7 +56,7 @@ class TestWholeMessage:
 
     def test_raw_message_refused_before_decoding(self) -> None:
         """A send_message payload over the limit is refused from its base64 length."""
-        raw = base64.b64encode(b"Subject: x\r\n\r\n" + b"x" * 2000).decode()
+        raw = base64.b64encode(b"Subject: x\r\n\r\n" + (b"x" * 98 + b"\r\n") * 20).decode()
         kwargs = {"raw_b64": raw, "envelope_from": "", "recipients": ["a@example.org"]}
         with pytest.raises(InvalidMessageError) as caught:
             RawPayload.from_task_kwargs(kwargs, limits=Limits(max_message_bytes=1000))
@@ -90,3 +90,15 @@ class TestRecipientCap:
         mail(Limits(), bcc=many[:999])
         with pytest.raises(InvalidMessageError):
             mail(Limits(), bcc=many)
+
+
+class TestLineLength:
+    """RFC 5322 2.1.1: no line of a message is longer than 998 octets."""
+
+    def test_raw_message_with_an_overlong_line(self) -> None:
+        """send_message refuses a prebuilt message with a 999-octet line, naming the
+        line, instead of letting the server refuse it after DATA."""
+        raw = base64.b64encode(b"Subject: x\r\n\r\nok\r\n" + b"y" * 999 + b"\r\n").decode()
+        kwargs = {"raw_b64": raw, "envelope_from": "", "recipients": ["a@example.org"]}
+        with pytest.raises(InvalidMessageError, match="line 4 is longer than 998"):
+            RawPayload.from_task_kwargs(kwargs)
