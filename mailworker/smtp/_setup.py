@@ -4,6 +4,7 @@ low-level failures onto mailworker's errors."""
 from __future__ import annotations
 
 import functools
+import os
 import smtplib
 import socket
 import ssl
@@ -33,14 +34,40 @@ class SessionInfo:
     auth_mechanism: str | None = None
 
 
-@functools.lru_cache(maxsize=32)
 def tls_context(
     verify: bool, ca_file: str | None, client_cert: str | None, client_key: str | None
 ) -> ssl.SSLContext:
     """A client context: certificate and host name verified, TLS >= 1.2.
 
-    Never ``context=None``: smtplib then uses a context that verifies nothing.
+    Never ``context=None``: smtplib then uses a context that verifies nothing. Made once
+    per set of files and reused until one of them changes (a rotated CA bundle or
+    client certificate is picked up at the next connect, without a restart).
     """
+    files = (ca_file, client_cert, client_key)
+    return _context(verify, *files, stamps=tuple(_stamp(path) for path in files))
+
+
+def _stamp(path: str | None) -> tuple[int, int, int] | None:
+    """What tells a changed file: inode, size and modification time (ns)."""
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None  # loading it fails with the real error
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _context(
+    verify: bool,
+    ca_file: str | None,
+    client_cert: str | None,
+    client_key: str | None,
+    *,
+    stamps: tuple[tuple[int, int, int] | None, ...],
+) -> ssl.SSLContext:
+    del stamps  # part of the cache key only
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:
