@@ -124,7 +124,8 @@ def mail_params(envelope: Envelope, features: dict[str, str]) -> list[str]:
     """
     params = []
     limit = features.get("size", "")
-    if limit.isdigit() and int(limit) > 0 and envelope.size > int(limit):
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if limit.isascii() and limit.isdigit() and 0 < int(limit) < envelope.size:
         raise SMTPNotSupportedError(
             f"message is {envelope.size} bytes; the server accepts at most {limit} (SIZE)",
             stage="mail",
