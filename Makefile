@@ -11,7 +11,7 @@ APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 # smtp-sink (installed unconfigured, so no MTA starts on this machine).
 POSTFIX_PRESEED := postfix postfix/main_mailer_type select No configuration
 
-.PHONY: test demo lint typecheck unit bench system-deps test-deps venv clean
+.PHONY: test demo lint typecheck unit bench faults system-deps test-deps venv clean
 
 test: venv test-deps lint typecheck unit
 
@@ -39,7 +39,7 @@ venv: system-deps $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,django,flask]'
+	$(BIN)/python -m pip install -q -e '.[dev,django,flask,dkim]'
 	touch $(STAMP)
 
 lint:
@@ -55,6 +55,9 @@ unit:
 
 bench: venv
 	$(BIN)/python benchmarks/bench_smtp.py
+
+faults: venv test-deps
+	$(BIN)/python benchmarks/faults.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

@@ -69,6 +69,8 @@ class RecordingHandler:
         mail_reply, mail_reply_once: Reply to every / the next MAIL FROM.
         data_reply, data_reply_once: Reply to every / the next end of DATA.
             A message refused this way goes to :attr:`rejected`.
+        greeting_reply: If set, new connections are greeted with this reply
+            instead of ``220`` (e.g. ``"421 4.3.2 try later"``, which closes).
         ehlo_reply: If set, EHLO gets this reply instead of the keywords.
         ehlo_extra: Keyword lines to add to EHLO, e.g. ``"PIPELINING"``,
             ``"ENHANCEDSTATUSCODES"``, ``"SIZE 1000"`` (replaces aiosmtpd's
@@ -107,6 +109,7 @@ class RecordingHandler:
         self.mail_reply_once: str | None = None
         self.data_reply: str | None = None
         self.data_reply_once: str | None = None
+        self.greeting_reply: str | None = None
         self.ehlo_reply: str | None = None
         self.ehlo_extra: list[str] = []
         self.ehlo_remove: set[str] = set()

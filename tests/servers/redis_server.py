@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class RedisServer(Service):
-    """A private ``redis-server`` subprocess on 127.0.0.1 (no persistence)."""
+    """A private ``redis-server`` subprocess on 127.0.0.1 (no persistence unless
+    ``extra_args`` turn it on and ``data_dir`` keeps the files across restarts)."""
 
     def __init__(
         self,
@@ -29,6 +31,7 @@ class RedisServer(Service):
         executable: str = "redis-server",
         startup_timeout: float = 10.0,
         extra_args: Sequence[str] = (),
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Configure the server (nothing starts until :meth:`start`).
 
@@ -37,7 +40,10 @@ class RedisServer(Service):
             host: Address to bind.
             executable: ``redis-server`` name or path.
             startup_timeout: Seconds to wait for PING to answer.
-            extra_args: More ``redis-server`` arguments, e.g. ``("--maxmemory", "1mb")``.
+            extra_args: More ``redis-server`` arguments, e.g. ``("--maxmemory", "1mb")``
+                or ``("--appendonly", "yes")``.
+            data_dir: Working directory (AOF, RDB, log), kept across restarts and not
+                deleted; default a temporary one per start, deleted at stop.
         """
         self.host = host
         self.port = port if port is not None else 0
@@ -45,6 +51,7 @@ class RedisServer(Service):
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
         self._port_fixed = port is not None
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self._process: subprocess.Popen[bytes] | None = None
         self._directory: Path | None = None
 
@@ -92,7 +99,11 @@ class RedisServer(Service):
         executable = shutil.which(self.executable)
         if executable is None:
             raise FileNotFoundError(f"{self.executable!r} not found; apt-get install redis-server")
-        self._directory = Path(tempfile.mkdtemp(prefix="mailworker-redis-"))
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._directory = self.data_dir
+        else:
+            self._directory = Path(tempfile.mkdtemp(prefix="mailworker-redis-"))
         command = [
             executable,
             "--port", str(self.port),
@@ -167,11 +178,13 @@ class RedisServer(Service):
                 process.kill()
                 process.wait()
         if self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)
+            if self._directory != self.data_dir:
+                shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
 
     def restart(self, down_for: float = 0.0) -> None:
-        """Stop, wait ``down_for`` seconds, start again on the same port (data is lost)."""
+        """Stop, wait ``down_for`` seconds, start again on the same port (data is lost
+        unless persistence is on and ``data_dir`` is given)."""
         self.stop()
         if down_for > 0:
             time.sleep(down_for)

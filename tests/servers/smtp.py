@@ -48,12 +48,15 @@ class _RecordingSMTP(MoreMechanisms, BaseProtocol):
 
     async def push(self, status: AnyStr) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        reply: str | bytes = status
         if not self._greeted:
             self._greeted = True
             await self.recorder._delay("GREETING")
+            if self.recorder.greeting_reply is not None:
+                reply = text = self.recorder.greeting_reply
         if self.recorder.reply_delay > 0:
             await asyncio.sleep(self.recorder.reply_delay)
-        await super().push(status)
+        await super().push(reply)
         if text.startswith("421") and self.transport is not None:
             self.transport.close()
 
