@@ -39,7 +39,7 @@ venv: system-deps $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,django,flask,dkim]'
+	$(BIN)/python -m pip install -q -e '.[dev,django,flask,dkim,oauth]'
 	touch $(STAMP)
 
 lint:

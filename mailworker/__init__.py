@@ -22,6 +22,7 @@ from mailworker.errors import (
 
 if TYPE_CHECKING:
     from mailworker.smtp import (
+        DSN,
         Profile,
         RecipientResult,
         Reply,
@@ -41,6 +42,7 @@ _LAZY = {
     "send_message": "mailworker.worker.tasks",
     **dict.fromkeys(
         (
+            "DSN",
             "Profile",
             "RecipientResult",
             "Reply",
@@ -62,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DSN",
     "ConfigError",
     "DeadLetteredError",
     "InvalidMessageError",

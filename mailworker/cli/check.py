@@ -20,6 +20,7 @@ from mailworker.smtp import SessionInfo, SMTPSession
 from mailworker.smtp.profile import Profile
 from mailworker.smtp.transcript import TranscriptLine
 from mailworker.worker.logs import Redactor
+from mailworker.worker.prepare import dkim_signer
 
 #: Width of the label column.
 _LABEL = 14
@@ -31,6 +32,23 @@ def load_profile(name: str) -> Profile:
         return Profile.from_env(name)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def describe_dkim(profile: Profile) -> None:
+    """Print the profile's DKIM key and the TXT record to publish for it; a key that
+    cannot sign is a usage error naming ``dkim_key_file`` and the file."""
+    try:
+        signer = dkim_signer(profile)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if signer is None:
+        return
+    echo_field(
+        "DKIM",
+        f"{signer.algorithm}, {signer.bits}-bit key {signer.key_file}: a test signature "
+        f"verified\nsigns as d={signer.domain}, s={signer.selector}",
+    )
+    echo_field("DKIM record", f"{signer.record_name} TXT\n{signer.dns_record}")
 
 
 def one_line(text: str) -> str:
@@ -142,7 +160,8 @@ def check(profile_name: str, transcript: bool) -> None:
     verified, EHLO, AUTH), prints the greeting, TLS version and cipher, the server
     certificate's subject, issuer and expiry, the EHLO capabilities and the AUTH
     mechanism used, asks the server whether it takes mail from MAILWORKER_DEFAULT_FROM
-    (MAIL FROM, then RSET), then says QUIT. No message is sent.
+    (MAIL FROM, then RSET), then says QUIT. No message is sent. With a DKIM key
+    (dkim_key_file) it first checks the key and prints the TXT record to publish.
 
     Exits 0 if the profile can send; otherwise 1, with a one-line reason (untrusted
     certificate, STARTTLS not offered, AUTH refused, server unreachable, ...). The
@@ -155,6 +174,7 @@ def check(profile_name: str, transcript: bool) -> None:
     """
     profile = load_profile(profile_name)
     click.echo(f"Profile {profile.name!r}: {profile.redacted_url()}")
+    describe_dkim(profile)
     session = SMTPSession(profile)
     with quiet_logs([profile.password or ""]):
         try:

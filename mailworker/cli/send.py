@@ -41,6 +41,8 @@ _OPTION = {
     "MAILWORKER_DEFAULT_FROM": "--from",
     "attachments": "--attach",
     "profile": "--profile",
+    "list_unsubscribe": "--list-unsubscribe",
+    "list_unsubscribe_post": "--list-unsubscribe-post",
 }
 
 
@@ -53,9 +55,15 @@ def task_kwargs(
     from_email: str | None,
     attach: Sequence[Path],
     profile: str,
+    list_unsubscribe: Sequence[str] = (),
+    list_unsubscribe_post: bool = False,
 ) -> dict[str, Any]:
     """``send_mail`` keyword arguments (JSON values; attachments in base64)."""
     kwargs: dict[str, Any] = {"to": list(to), "subject": subject, "profile": profile}
+    if list_unsubscribe:
+        kwargs["list_unsubscribe"] = list(list_unsubscribe)
+    if list_unsubscribe_post:
+        kwargs["list_unsubscribe_post"] = True
     for name, value in (("text", text), ("html", html), ("from_email", from_email)):
         if value is not None:
             kwargs[name] = value
@@ -131,6 +139,17 @@ def send_now(payload: MailPayload, profile_name: str) -> None:
     help="Attach a file (repeatable).",
 )
 @click.option(
+    "--list-unsubscribe",
+    multiple=True,
+    metavar="URI",
+    help="An https: or mailto: URI for List-Unsubscribe (repeatable).",
+)
+@click.option(
+    "--list-unsubscribe-post",
+    is_flag=True,
+    help="Add List-Unsubscribe-Post for one-click unsubscribe (needs an https: URI).",
+)
+@click.option(
     "--profile",
     default="default",
     show_default=True,
@@ -150,6 +169,8 @@ def send(
     html: str | None,
     from_email: str | None,
     attach: tuple[Path, ...],
+    list_unsubscribe: tuple[str, ...],
+    list_unsubscribe_post: bool,
     profile: str,
     queue: bool,
 ) -> None:
@@ -182,6 +203,8 @@ def send(
         from_email=from_email,
         attach=attach,
         profile=profile,
+        list_unsubscribe=list_unsubscribe,
+        list_unsubscribe_post=list_unsubscribe_post,
     )
     if not queue:
         send_now(validate(kwargs, settings.default_from), profile)

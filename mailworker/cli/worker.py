@@ -7,14 +7,20 @@ import base64
 import click
 
 from mailworker.errors import ConfigError
+from mailworker.smtp.oauth import provider_secrets
 from mailworker.smtp.profile import Profile, profile_names
 from mailworker.worker.logs import configure_logging
+from mailworker.worker.prepare import dkim_signer
 from mailworker.worker.settings import Settings
 
 
 def profile_secrets(profiles: list[Profile]) -> list[str]:
     """Every secret the profiles hold, as text and in the base64 forms AUTH sends
-    (PLAIN, LOGIN), for the log redactor."""
+    (PLAIN, LOGIN, XOAUTH2), for the log redactor.
+
+    Token providers are not asked for a token (a refresh-token provider would fetch one
+    from the network): they give what they hold now, e.g. client secret and refresh token.
+    """
     secrets: list[str] = []
     for profile in profiles:
         user = (profile.username or "").encode()
@@ -24,12 +30,16 @@ def profile_secrets(profiles: list[Profile]) -> list[str]:
             secrets.append(base64.b64encode(password).decode())
             secrets.append(base64.b64encode(b"\0" + user + b"\0" + password).decode())
         if profile.oauth_token_provider is not None:
-            secrets.append(profile.oauth_token_provider())
+            for secret in provider_secrets(profile.oauth_token_provider):
+                xoauth2 = b"user=" + user + b"\x01auth=Bearer " + secret.encode() + b"\x01\x01"
+                secrets.append(secret)
+                secrets.append(base64.b64encode(xoauth2).decode())
     return secrets
 
 
 def load_profiles() -> list[Profile]:
-    """Every configured profile; raises a usage error naming the variable to set."""
+    """Every configured profile, DKIM keys read and checked; raises a usage error naming
+    the variable to set (or the DKIM key file that cannot be used)."""
     names = profile_names()
     if not names:
         raise click.UsageError(
@@ -37,9 +47,12 @@ def load_profiles() -> list[Profile]:
             "(e.g. smtps://user:password@smtp.example.com)"
         )
     try:
-        return [Profile.from_env(name) for name in names]
+        profiles = [Profile.from_env(name) for name in names]
+        for profile in profiles:
+            dkim_signer(profile)  # a key that cannot sign stops the worker, not a message
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    return profiles
 
 
 @click.command(

@@ -155,6 +155,9 @@ class MailWorker:
         profile: str | None = None,
         idempotency_key: str | None = None,
         task_id: str | None = None,
+        list_unsubscribe: str | Iterable[str] | None = None,
+        list_unsubscribe_post: bool = False,
+        dsn: Mapping[str, Any] | None = None,
     ) -> AsyncResult[Any]:
         """Queue one message as a ``mailworker.send_mail`` task.
 
@@ -176,6 +179,11 @@ class MailWorker:
             profile: the worker's SMTP profile (default ``MAILWORKER_PROFILE``).
             idempotency_key: the message is sent at most once per key (default: task id).
             task_id: the Celery task id (default: a new UUID).
+            list_unsubscribe: ``https:``/``mailto:`` URIs for List-Unsubscribe.
+            list_unsubscribe_post: add one-click List-Unsubscribe-Post (RFC 8058);
+                needs an https URI.
+            dsn: delivery status notifications to ask for, e.g.
+                ``{"notify": ["FAILURE", "DELAY"], "ret": "HDRS", "envid": "order-42"}``.
 
         Returns:
             The task's ``AsyncResult``: ``.id`` is the task id; ``.get(timeout=...)``
@@ -200,6 +208,9 @@ class MailWorker:
             "attachments": [_attachment(i, a) for i, a in enumerate(attachments or ())] or None,
             "profile": profile or state.profile,
             "idempotency_key": idempotency_key,
+            "list_unsubscribe": _addresses(list_unsubscribe),
+            "list_unsubscribe_post": list_unsubscribe_post or None,
+            "dsn": dict(dsn) if dsn is not None else None,
         }
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         MailPayload.from_task_kwargs(

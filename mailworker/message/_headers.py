@@ -9,6 +9,11 @@ from typing import Final
 
 from mailworker.message._address import parse_address
 from mailworker.message._fields import fail, header_text, type_name
+from mailworker.message._unsubscribe import (
+    check_one_click,
+    parse_list_unsubscribe,
+    unsubscribe_value,
+)
 
 # Header fields the payload has its own argument for.
 _ARGUMENT_HEADERS: Final = {
@@ -63,6 +68,11 @@ def _check_header(name: str, value: object) -> tuple[str, str]:
         text = check_message_id(where, text)
     elif lower == "sender":
         text = str(parse_address(where, text))
+    elif lower == "list-unsubscribe":
+        # As the list_unsubscribe argument: https/mailto URIs, written <uri>, <uri>.
+        text = unsubscribe_value(parse_list_unsubscribe(where, text))
+    elif lower == "list-unsubscribe-post":
+        text = check_one_click(where, text)
     elif text.isascii():
         # VerbatimHeader folds only before whitespace, so its longest piece bounds a line.
         longest = max((len(word) for word in _FOLD_WORD.findall(text)), default=0)

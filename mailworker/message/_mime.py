@@ -13,6 +13,12 @@ from typing import TYPE_CHECKING, Final
 from mailworker.message._address import parse_address, to_ascii_domain
 from mailworker.message._attachments import Attachment
 from mailworker.message._fields import fail
+from mailworker.message._unsubscribe import (
+    LIST_UNSUBSCRIBE,
+    LIST_UNSUBSCRIBE_POST,
+    ONE_CLICK,
+    unsubscribe_value,
+)
 from mailworker.message._wire import VerbatimHeader, disposition, header_mismatch
 
 if TYPE_CHECKING:
@@ -25,7 +31,12 @@ _FIELDS: Final = {
     "cc": "cc",
     "reply-to": "reply_to",
     "subject": "subject",
+    "list-unsubscribe": "list_unsubscribe",
+    "list-unsubscribe-post": "list_unsubscribe_post",
 }
+#: Fields whose value is URIs, written literally: never as encoded-words, which would
+#: turn an ``=?`` in a URI into something no client can follow.
+_LITERAL: Final = frozenset({LIST_UNSUBSCRIBE.lower(), LIST_UNSUBSCRIBE_POST.lower()})
 # Control characters other than TAB/CR/LF; a body holding them is sent quoted-printable so
 # the wire carries none of them.
 _BODY_CONTROL = re.compile("[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
@@ -116,6 +127,12 @@ def build_message(payload: MailPayload, *, message_id_domain: str | None = None)
     _set(msg, "Date", "headers['Date']", VerbatimHeader.unstructured("Date", date))
     message_id = payload.header("Message-ID") or make_msgid(domain=id_domain)
     _set(msg, "Message-ID", "headers['Message-ID']", VerbatimHeader("Message-ID", message_id))
+    if payload.list_unsubscribe:
+        value = unsubscribe_value(payload.list_unsubscribe)
+        _set(msg, LIST_UNSUBSCRIBE, "list_unsubscribe", VerbatimHeader(LIST_UNSUBSCRIBE, value))
+    if payload.list_unsubscribe_post:
+        header = VerbatimHeader(LIST_UNSUBSCRIBE_POST, ONE_CLICK)
+        _set(msg, LIST_UNSUBSCRIBE_POST, "list_unsubscribe_post", header)
     for name, value in payload.headers:
         lower = name.lower()
         if lower in {"date", "message-id"}:
@@ -123,6 +140,8 @@ def build_message(payload: MailPayload, *, message_id_domain: str | None = None)
         where = f"headers[{name!r}]"
         if lower == "sender":
             header = _addresses(name, where, (value,))
+        elif lower in _LITERAL:
+            header = VerbatimHeader(name, value)  # checked URIs (or the one-click value)
         else:
             header = VerbatimHeader.unstructured(name, value)
         _set(msg, name, where, header)

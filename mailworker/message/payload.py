@@ -36,6 +36,7 @@ from typing import Final
 
 from mailworker.message._address import address_list, parse_address, unique_addr_specs
 from mailworker.message._attachments import Attachment, attachments_from_json, check_attachments
+from mailworker.message._dsn import DSNOptions, check_dsn
 from mailworker.message._fields import (
     check_fields,
     decode_base64,
@@ -47,6 +48,7 @@ from mailworker.message._fields import (
 )
 from mailworker.message._headers import check_headers
 from mailworker.message._mime import build_message, message_bytes
+from mailworker.message._unsubscribe import check_post, check_unsubscribe, check_uris
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -57,10 +59,12 @@ __all__ = [
     "RAW_FIELDS",
     "TASK_OPTIONS",
     "Attachment",
+    "DSNOptions",
     "Limits",
     "MailPayload",
     "RawPayload",
     "build_message",
+    "check_dsn",
     "message_bytes",
 ]
 
@@ -126,12 +130,14 @@ MAIL_FIELDS: Final = (
     "reply_to",
     "headers",
     "attachments",
+    "list_unsubscribe",
+    "list_unsubscribe_post",
 )
 #: send_message keyword arguments that describe the message.
 RAW_FIELDS: Final = ("raw_b64", "envelope_from", "recipients")
 #: Task options accepted (and type-checked) beside the message fields; the tasks use them,
-#: the payload does not keep them.
-TASK_OPTIONS: Final = ("profile", "idempotency_key")
+#: the payload does not keep them. ``dsn`` steers the envelope (:func:`check_dsn`).
+TASK_OPTIONS: Final = ("profile", "idempotency_key", "dsn")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 # A line of more than 998 octets, its line ending left out (RFC 5322 2.1.1).
 _LONG_LINE = re.compile(rb"[^\r\n]{999}")
@@ -146,6 +152,7 @@ def _task_options(kwargs: Mapping[str, object]) -> None:
         fail("idempotency_key", "must not be empty (pass null for none)")
     if key is not None and len(key) > MAX_KEY_LENGTH:
         fail("idempotency_key", f"at most {MAX_KEY_LENGTH} characters (hash a longer one)")
+    check_dsn("dsn", kwargs.get("dsn"))
 
 
 def _count(value: object) -> int:
@@ -196,6 +203,10 @@ class MailPayload:
         reply_to: Reply-To addresses.
         headers: Extra header fields as (name, value) pairs, in order.
         attachments: Attached files, inline ones (with ``content_id``) included.
+        list_unsubscribe: ``https:`` and ``mailto:`` URIs for List-Unsubscribe
+            (RFC 2369), bare (without ``<>``).
+        list_unsubscribe_post: Add ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``
+            (RFC 8058); needs an https URI in ``list_unsubscribe``.
     """
 
     to: tuple[str, ...]
@@ -208,6 +219,8 @@ class MailPayload:
     reply_to: tuple[str, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
     attachments: tuple[Attachment, ...] = ()
+    list_unsubscribe: tuple[str, ...] = ()
+    list_unsubscribe_post: bool = False
 
     def __post_init__(self) -> None:
         # The constructor validates as well as from_task_kwargs, so a payload made by hand
@@ -227,6 +240,10 @@ class MailPayload:
             fail("text", "required: pass text or html (or both)")
         set_field(self, "headers", check_headers(self.headers))
         set_field(self, "attachments", check_attachments(self.attachments, self.html is not None))
+        uris = check_uris("list_unsubscribe", self.list_unsubscribe)
+        set_field(self, "list_unsubscribe", uris)
+        set_field(self, "list_unsubscribe_post", check_post(self.list_unsubscribe_post))
+        check_unsubscribe(uris, self.list_unsubscribe_post, self.headers)
 
     @classmethod
     def from_task_kwargs(
@@ -242,8 +259,9 @@ class MailPayload:
             kwargs: The task's keyword arguments. ``to``, ``cc``, ``bcc`` and ``reply_to``
                 take an address or a list; ``headers`` an object of name: value;
                 ``attachments`` a list of ``{"filename", "content" (base64), "mimetype",
-                "content_id"}``. ``profile`` and ``idempotency_key`` are checked and
-                left to the task.
+                "content_id"}``; ``list_unsubscribe`` a URI or a list;
+                ``list_unsubscribe_post`` a bool. ``profile``, ``idempotency_key``
+                and ``dsn`` are checked and left to the task.
             default_from: The sender when ``from_email`` is missing
                 (``MAILWORKER_DEFAULT_FROM``), or None if none is configured.
             limits: Size and recipient bounds, checked before attachments are decoded.
@@ -275,6 +293,8 @@ class MailPayload:
             reply_to=tuple(str(a) for a in address_list("reply_to", kwargs.get("reply_to"))),
             headers=check_headers(kwargs.get("headers")),
             attachments=attachments_from_json(kwargs.get("attachments")),
+            list_unsubscribe=check_uris("list_unsubscribe", kwargs.get("list_unsubscribe")),
+            list_unsubscribe_post=check_post(kwargs.get("list_unsubscribe_post")),
         )
 
     @property
@@ -374,8 +394,8 @@ class RawPayload:
         Args:
             kwargs: ``raw_b64`` (the message, base64), ``envelope_from`` (an address, or
                 ``""`` for the null sender), ``recipients`` (an address or a list), and
-                optionally ``profile`` and ``idempotency_key``, which are checked and left
-                to the task.
+                optionally ``profile``, ``idempotency_key`` and ``dsn``, which are
+                checked and left to the task.
             limits: Size and recipient bounds; the size is checked before decoding.
 
         Returns:

@@ -13,6 +13,7 @@ import hmac
 from collections.abc import Callable, Sequence
 
 from mailworker.errors import SMTPNotSupportedError
+from mailworker.smtp import oauth
 from mailworker.smtp._client import Client
 from mailworker.smtp.profile import Profile
 from mailworker.smtp.reply import Reply
@@ -79,17 +80,34 @@ def authenticate(client: Client, mechanism: str, answer: AuthObject, *, initial:
     return client.last_reply
 
 
+def token_refused(reply: Reply) -> bool:
+    """Whether an XOAUTH2 exchange ended with the token refused: ``535`` (Gmail after its
+    ``334`` JSON error, Microsoft 365 at once), worth one more try with a fresh token.
+    Not 454 (transient anyway) nor 534 (a policy a new token does not change)."""
+    return reply.code == 535
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def authobject(mechanism: str, profile: Profile) -> tuple[AuthObject, bool]:
-    """The answer function for ``mechanism`` and whether it sends an initial response."""
+def authobject(
+    mechanism: str, profile: Profile, *, token: str | None = None
+) -> tuple[AuthObject, bool]:
+    """The answer function for ``mechanism`` and whether it sends an initial response.
+
+    Args:
+        token: the XOAUTH2 bearer token; asked of the profile's provider when not given.
+
+    Raises:
+        OAuthTokenError: or whatever else the profile's token provider raises.
+    """
     user = (profile.username or "").encode("utf-8")
     if mechanism == "XOAUTH2":
         assert profile.oauth_token_provider is not None
-        token = profile.oauth_token_provider().encode("utf-8")
-        return _xoauth2(user, token), True
+        if token is None:
+            token = oauth.get_token(profile.oauth_token_provider, refresh=False)
+        return _xoauth2(user, token.encode("utf-8")), True
     password = (profile.password or "").encode("utf-8")
     if mechanism == "PLAIN":
         return (lambda _challenge: b"\0" + user + b"\0" + password), True

@@ -39,6 +39,8 @@ from mailworker.smtp.result import RecipientResult, RecipientStatus
 
 #: Runs one step under the stage's timeout, mapping I/O failures to SMTPError.
 StageGuard = Callable[[Stage, float], AbstractContextManager[None]]
+#: The RCPT TO parameters for an address (DSN's ``NOTIFY=`` and ``ORCPT=``).
+RcptParams = Callable[[str], Sequence[str]]
 
 
 @dataclass(frozen=True)
@@ -195,9 +197,13 @@ def exchange(
     timeouts: Timeouts,
     guard: StageGuard,
     transfer: ContentTransfer | None = None,
+    rcpt_params: RcptParams | None = None,
 ) -> Outcome:
     """Deliver the message on a connected, greeted session: one transaction, or as
     many as the server's limit of recipients per transaction needs.
+
+    ``params`` go on MAIL FROM, ``rcpt_params(address)`` on each RCPT TO; the caller
+    has checked that the server offers the extensions they belong to.
 
     Raises:
         SMTPReplyError: the sender, DATA or the content was refused.
@@ -228,6 +234,7 @@ def exchange(
                 timeouts=timeouts,
                 guard=guard,
                 transfer=transfer,
+                rcpt_params=rcpt_params,
             )
         except SMTPError as exc:
             if not replies:
@@ -292,6 +299,7 @@ def _transaction(
     timeouts: Timeouts,
     guard: StageGuard,
     transfer: ContentTransfer,
+    rcpt_params: RcptParams | None = None,
 ) -> None:
     """MAIL, RCPT for the attempt's recipients and, if any was accepted, the content.
 
@@ -299,7 +307,11 @@ def _transaction(
     transaction is then still open).
     """
     mail = "MAIL FROM:<{}>{}".format(envelope.sender, "".join(f" {p}" for p in params))
-    rcpts = [f"RCPT TO:<{envelope.recipients[i]}>" for i in attempt.recipients]
+    rcpts = []
+    for i in attempt.recipients:
+        address = envelope.recipients[i]
+        extra = rcpt_params(address) if rcpt_params is not None else ()
+        rcpts.append("RCPT TO:<{}>{}".format(address, "".join(f" {p}" for p in extra)))
     send = _pipelined if client.has_extn("pipelining") else _lock_step
     mail_reply, data_reply = send(
         client,

@@ -14,6 +14,7 @@ Environment (``<NAME>`` is the upper-cased profile name; none for ``default``):
 - ``MAILWORKER_SMTP_URL`` / ``MAILWORKER_SMTP_URL_<NAME>``
 - ``MAILWORKER_SMTP_PASSWORD[_<NAME>]`` or ``MAILWORKER_SMTP_PASSWORD[_<NAME>]_FILE``
 - ``MAILWORKER_SMTP_OAUTH_TOKEN[_<NAME>]`` or ``MAILWORKER_SMTP_OAUTH_TOKEN[_<NAME>]_FILE``
+  (or a token provider named by the URL's ``oauth*`` options, :mod:`mailworker.smtp.oauth`)
 
 A secret's file variable is its variable with ``_FILE`` appended, as Docker images do
 (``POSTGRES_PASSWORD_FILE``): ``MAILWORKER_SMTP_PASSWORD_BULK_FILE`` for profile ``bulk``.
@@ -36,6 +37,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from mailworker.errors import ConfigError
+from mailworker.smtp import _oauth_options, oauth
 
 Security = Literal["tls", "starttls", "none"]
 
@@ -55,6 +57,10 @@ _FALSE = {"0", "false", "no", "off"}
 #: RFC 5321 Domain or address literal; rules out CR/LF and spaces in the EHLO name.
 _HOSTNAME = re.compile(r"^(\[[0-9A-Fa-f:.Iv]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
 _HOST = re.compile(r"^[A-Za-z0-9._:-]+$")
+#: A DKIM domain or selector (RFC 6376 §3.1, §3.5): LDH labels (IDNs as A-labels).
+_DKIM_NAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,10 @@ class Timeouts:
                 raise ConfigError(f"timeouts.{f.name}: must be a positive number of seconds")
 
 
-#: Returns a current OAuth2 bearer token; called at every (re)connect.
-TokenProvider = Callable[[], str]
+#: Returns a current OAuth2 bearer token: ``get_token(*, refresh: bool) -> str``, called
+#: at every (re)connect and once with ``refresh=True`` after a refused token
+#: (:mod:`mailworker.smtp.oauth`); a zero-argument callable is accepted too.
+TokenProvider = oauth.TokenProvider
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,12 @@ class Profile:
     #: Seconds a session may sit idle before a NOOP checks it is still alive.
     noop_after: float = 10.0
     allow_insecure_auth: bool = False
+    #: DKIM: the signing domain (``d=``), the selector (``s=``) and the private key file;
+    #: all three or none. The worker reads and checks the key when it starts
+    #: (:mod:`mailworker.message.dkim`); a process that only publishes never needs it.
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_key_file: str | None = None
     name: str = "default"
 
     def __post_init__(self) -> None:
@@ -168,6 +182,19 @@ class Profile:
                 "use smtps:// or smtp+starttls://, or add ?allow_insecure_auth=true "
                 "for a trusted local relay"
             )
+        self._check_dkim(where)
+
+    def _check_dkim(self, where: str) -> None:
+        names = {"dkim_domain": self.dkim_domain, "dkim_selector": self.dkim_selector}
+        for option, value in names.items():
+            if value is not None and not (_DKIM_NAME.fullmatch(value) and len(value) < 254):
+                raise ConfigError(f"{where}: {option} {value!r} is not a domain name")
+        missing = [o for o, v in {**names, "dkim_key_file": self.dkim_key_file}.items() if not v]
+        if len(missing) in (1, 2):
+            raise ConfigError(
+                f"{where}: DKIM signing needs dkim_domain, dkim_selector and dkim_key_file "
+                f"together; {' and '.join(missing)} missing"
+            )
 
     @property
     def wants_auth(self) -> bool:
@@ -201,7 +228,8 @@ class Profile:
                 User and password are percent-decoded.
             name: the profile's name, used in messages.
             password: used when the URL has none (from a secret store).
-            oauth_token_provider: returns an OAuth2 bearer token for XOAUTH2.
+            oauth_token_provider: returns an OAuth2 bearer token for XOAUTH2; the URL's
+                ``oauth*`` options build one instead (:mod:`mailworker.smtp.oauth`).
 
         Raises:
             ConfigError: the URL or an option is malformed; the message names it and
@@ -242,6 +270,17 @@ class Profile:
         timeout = kwargs.pop("timeout", None)
         if timeout is not None:
             kwargs["timeouts"] = Timeouts.uniform(float(timeout))  # type: ignore[arg-type]
+        oauth_options = {k: str(kwargs.pop(k)) for k in _oauth_options.OPTIONS if k in kwargs}
+        if oauth_options:
+            if oauth_token_provider is not None:
+                raise ConfigError(
+                    f"{where}: OAuth token given twice (the URL's oauth options and "
+                    "MAILWORKER_SMTP_OAUTH_TOKEN or the caller); keep one"
+                )
+            try:
+                oauth_token_provider = _oauth_options.provider_from_options(oauth_options)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         return cls(
             host=hostname,
             port=port,
@@ -382,6 +421,12 @@ _option("max_messages")(lambda k, v: int(_parse_number(k, v, int)))
 _option("local_hostname")(lambda _k, v: v)
 
 
+# dkim_domain and dkim_selector are checked by Profile. The key file is not opened here:
+# only the worker needs it, and reads and checks it when it starts.
+for _name in ("dkim_domain", "dkim_selector", "dkim_key_file"):
+    _option(_name)(lambda _k, v: v)
+
+
 @_option("auth")
 def _parse_auth(key: str, value: str) -> tuple[str, ...]:
     mechs = tuple(m.strip().upper() for m in value.split(",") if m.strip())
@@ -391,6 +436,11 @@ def _parse_auth(key: str, value: str) -> tuple[str, ...]:
             f"option {key}={value!r}: choose an ordered list from {','.join(AUTH_MECHANISMS)}"
         )
     return mechs
+
+
+# The oauth* options describe a token provider together; from_url builds it.
+for _name in _oauth_options.OPTIONS:
+    _option(_name)(_oauth_options.parse_option)
 
 
 def _parse_options(query: str, where: str) -> dict[str, object]:
@@ -436,9 +486,8 @@ def _token_provider(env: Mapping[str, str], var: str) -> TokenProvider | None:
     path = env.get(f"{var}_FILE")
     if path:
         _secret(env, var)  # fail now, not at the first send, if it cannot be read
-        file_env = {f"{var}_FILE": path}
-        return lambda: _secret(file_env, var) or ""
+        return oauth.TokenFile(path)
     token = _secret(env, var)
     if token:
-        return lambda: token
+        return oauth.StaticToken(token)
     return None

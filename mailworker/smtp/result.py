@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mailworker.smtp.dsn import DSNStatus
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.transcript import TranscriptLine
 
@@ -65,6 +66,9 @@ class SendResult:
         size: bytes of message content sent (after normalisation).
         transcript: the exchange for this message (content left out).
         replies: the final reply of every transaction that delivered the message.
+        dsn: for a send that asked for delivery status notifications, ``"requested"``
+            (the MAIL and RCPT parameters went out) or ``"not_offered"`` (the server
+            does not offer DSN: the message went without them); None otherwise.
     """
 
     recipients: tuple[RecipientResult, ...]
@@ -72,6 +76,7 @@ class SendResult:
     size: int
     transcript: tuple[TranscriptLine, ...] = field(default=(), repr=False)
     replies: tuple[Reply, ...] = ()
+    dsn: DSNStatus | None = None
 
     @property
     def accepted(self) -> list[str]:

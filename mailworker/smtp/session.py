@@ -23,10 +23,11 @@ from mailworker.errors import (
     SMTPTLSError,
     Stage,
 )
-from mailworker.smtp import auth
+from mailworker.smtp import auth, oauth
 from mailworker.smtp._client import Client
 from mailworker.smtp._setup import SessionInfo, classify, ehlo_name, tls_context
 from mailworker.smtp.body import dot_stuff, normalise_line_endings
+from mailworker.smtp.dsn import DSN, DSNStatus
 from mailworker.smtp.envelope import Envelope, build_envelope, exchange, mail_params
 from mailworker.smtp.profile import Profile
 from mailworker.smtp.reply import Reply
@@ -201,22 +202,40 @@ class SMTPSession:
             mechanism = auth.choose_mechanism(self.profile, offered)
         except SMTPNotSupportedError as exc:
             raise self._fail(SMTPNotSupportedError, exc.message, "auth") from None
-        try:
-            answer, initial = auth.authobject(mechanism, self.profile)
-        except Exception as exc:
-            # The token provider failed (a refresh that did not work). Its text may
-            # quote the credentials: say what failed, not how; the next try may work.
-            raise self._fail(
-                SMTPAuthError,
-                f"the OAuth token provider failed: {type(exc).__name__}",
-                "auth",
-                transient=True,
-            ) from None
-        with self._stage("auth"), client.redacting():
-            reply = auth.authenticate(client, mechanism, answer, initial=initial)
+        token = self._oauth_token(refresh=False) if mechanism == "XOAUTH2" else None
+        reply = self._auth_exchange(mechanism, token)
+        if token is not None and auth.token_refused(reply):
+            # The token expired early or was revoked: one fresh token, one more AUTH on
+            # this connection, never a loop. The same token again would get the same no.
+            fresh = self._oauth_token(refresh=True)
+            if fresh != token:
+                log.info("smtp.oauth_token_refused", profile=self.profile.name, retry=True)
+                reply = self._auth_exchange(mechanism, fresh)
         if reply.code != 235:
             raise self._fail(SMTPAuthError, f"server refused AUTH {mechanism}", "auth", reply)
         return mechanism
+
+    def _auth_exchange(self, mechanism: str, token: str | None) -> Reply:
+        client = self._require()
+        answer, initial = auth.authobject(mechanism, self.profile, token=token)
+        with self._stage("auth"), client.redacting():
+            return auth.authenticate(client, mechanism, answer, initial=initial)
+
+    def _oauth_token(self, *, refresh: bool) -> str:
+        assert self.profile.oauth_token_provider is not None
+        try:
+            return oauth.get_token(self.profile.oauth_token_provider, refresh=refresh)
+        except oauth.OAuthTokenError as exc:
+            # Ours name the endpoint and the fix, never a secret; a refused grant
+            # (invalid_grant) is permanent, an unreachable endpoint transient.
+            message = f"no OAuth token: {exc}"
+            transient = exc.is_transient
+        except Exception as exc:
+            # A provider of the user's: its text may quote the credentials. Say what
+            # failed, not how; the next try may work.
+            message = f"the OAuth token provider failed: {type(exc).__name__}"
+            transient = True
+        raise self._fail(SMTPAuthError, message, "auth", transient=transient)
 
     # -- sending ---------------------------------------------------------------
 
@@ -227,6 +246,7 @@ class SMTPSession:
         message: bytes,
         *,
         deadline: float | None = None,
+        dsn: DSN | None = None,
     ) -> SendResult:
         """Send one message; returns the per-recipient outcome.
 
@@ -238,6 +258,9 @@ class SMTPSession:
             deadline: a ``time.monotonic()`` time by which the send must be over,
                 connecting included; every stage's timeout (which bounds a whole
                 reply, however slowly it comes) is cut to fit it.
+            dsn: delivery status notifications to ask for (RFC 3461). When the server
+                does not offer DSN the message goes without the parameters, and the
+                result's ``dsn`` is ``"not_offered"``.
 
         Returns:
             The result when at least one recipient accepted the message; refused
@@ -253,6 +276,8 @@ class SMTPSession:
         """
         if not isinstance(message, (bytes, bytearray)):
             raise InvalidMessageError("message", "must be bytes")
+        if dsn is not None and not isinstance(dsn, DSN):
+            raise InvalidMessageError("dsn", "must be a mailworker.smtp.DSN")
         message = normalise_line_endings(bytes(message))
         envelope = build_envelope(envelope_from, recipients, message)
         payload = dot_stuff(message, normalised=True)
@@ -261,7 +286,7 @@ class SMTPSession:
             # A session that has sent nothing yet was just opened (here or by connect()).
             fresh = self._ensure_ready() or self._sent == 0
             try:
-                return self._transaction(envelope, payload)
+                return self._transaction(envelope, payload, dsn)
             except (SMTPServerDisconnected, SMTPReplyError) as exc:
                 # A held session the server closed while idle shows up at the first
                 # command; nothing was accepted yet, so one more try is safe.
@@ -271,15 +296,22 @@ class SMTPSession:
                 log.info("smtp.reconnect", profile=self.profile.name, reason=str(exc))
                 self._drop(send_quit=False)
                 self.connect()
-                return self._transaction(envelope, payload)
+                return self._transaction(envelope, payload, dsn)
         finally:
             self._deadline = None
             if self._client is not None:
                 self._client.deadline = None
 
-    def _transaction(self, envelope: Envelope, payload: bytes) -> SendResult:
+    def _transaction(self, envelope: Envelope, payload: bytes, dsn: DSN | None) -> SendResult:
         client = self._require()
         params = mail_params(envelope, client.esmtp_features)
+        # DSN parameters only where offered: a server without DSN refuses them (555).
+        status: DSNStatus | None = None
+        if dsn is not None:
+            status = "requested" if client.has_extn("dsn") else "not_offered"
+        use = dsn if status == "requested" else None
+        if use is not None:
+            params += use.mail_params()
         transcript = Transcript()
         client.transcript = transcript
         client.command_encoding = "utf-8" if envelope.utf8 else "ascii"
@@ -291,6 +323,7 @@ class SMTPSession:
                 payload=payload,
                 timeouts=self.profile.timeouts,
                 guard=self._stage,
+                rcpt_params=use.rcpt_params if use is not None else None,
             )
             if outcome.error is not None:
                 # A later transaction (after a 452 "too many recipients") failed; the
@@ -311,6 +344,7 @@ class SMTPSession:
             size=outcome.size,
             transcript=tuple(transcript.lines),
             replies=outcome.replies,
+            dsn=status,
         )
 
     def _after_failure(self, exc: SMTPError) -> None:

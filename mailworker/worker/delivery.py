@@ -255,6 +255,7 @@ class _Attempt:
                         prepared.recipients,
                         prepared.data,
                         deadline=self.deadline,
+                        dsn=prepared.dsn,
                     )
         except SMTPError as exc:
             self.transcript = exc.transcript
@@ -277,6 +278,8 @@ class _Attempt:
             queue_id=result.queue_id,
             accepted=result.accepted,
             refused=record["refused"],
+            # "not_offered": DSN was asked for, the server lacks it, sent without.
+            dsn=result.dsn,
         )
         try:
             self.follow_up(record)

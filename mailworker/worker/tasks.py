@@ -135,6 +135,9 @@ def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> TaskResult:
         raise Reject(str(exc), requeue=True) from exc
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 class _MailTask(Task):  # type: ignore[type-arg]
     """Runs arguments the task does not take through validation instead of failing.
 
@@ -149,7 +152,8 @@ class _MailTask(Task):  # type: ignore[type-arg]
         try:
             signature.bind(*args, **kwargs)
         except TypeError:
-            names = list(signature.parameters)
+            # Extra positional arguments are named after positional parameters only.
+            names = [n for n, p in signature.parameters.items() if p.kind in _POSITIONAL]
             given = {names[i] if i < len(names) else f"args[{i}]": a for i, a in enumerate(args)}
             return _run(self, self.name, {**given, **kwargs})
         return super().__call__(*args, **kwargs)
@@ -184,6 +188,10 @@ def _send_mail(  # noqa: PLR0917 -- the task's signature is the public API
     profile: str = "default",
     idempotency_key: str | None = None,
     _meta: dict[str, Any] | None = None,
+    *,
+    list_unsubscribe: str | list[str] | None = None,
+    list_unsubscribe_post: bool = False,
+    dsn: dict[str, Any] | None = None,
 ) -> TaskResult:
     """Build and send one message through the worker's held-open session.
 
@@ -199,6 +207,11 @@ def _send_mail(  # noqa: PLR0917 -- the task's signature is the public API
     ``retry_at``, ``retry_task_id``, ``error`` and the rest, None where they do not
     apply. Invalid input, permanent failures and exhausted retries raise
     ``DeadLetteredError`` after the message was stored in the dead-letter store.
+
+    Keyword-only: ``list_unsubscribe`` (``https:``/``mailto:`` URIs) and
+    ``list_unsubscribe_post`` add List-Unsubscribe and one-click List-Unsubscribe-Post
+    (RFC 2369, RFC 8058); ``dsn`` (``{"notify": [...], "ret": ..., "envid": ...}``)
+    asks the server for delivery status notifications (RFC 3461) when it offers them.
     """
     kwargs: dict[str, Any] = {
         "to": to,
@@ -214,6 +227,9 @@ def _send_mail(  # noqa: PLR0917 -- the task's signature is the public API
         "profile": profile,
         "idempotency_key": idempotency_key,
     }
+    _optional(kwargs, list_unsubscribe=list_unsubscribe, dsn=dsn)
+    if list_unsubscribe_post is not False:
+        kwargs["list_unsubscribe_post"] = list_unsubscribe_post
     if _meta:
         kwargs["_meta"] = _meta
     return _run(self, SEND_MAIL, kwargs)
@@ -228,10 +244,13 @@ def _send_message(  # noqa: PLR0917 -- the task's signature is the public API
     profile: str = "default",
     idempotency_key: str | None = None,
     _meta: dict[str, Any] | None = None,
+    *,
+    dsn: dict[str, Any] | None = None,
 ) -> TaskResult:
     """Send a prebuilt RFC 5322 message (base64 of its bytes) as given.
 
-    Line endings are normalised to CRLF; nothing else is changed.
+    Line endings are normalised to CRLF; nothing else is changed. ``dsn`` (keyword-only)
+    as for ``send_mail``.
     """
     kwargs: dict[str, Any] = {
         "raw_b64": raw_b64,
@@ -240,9 +259,16 @@ def _send_message(  # noqa: PLR0917 -- the task's signature is the public API
         "profile": profile,
         "idempotency_key": idempotency_key,
     }
+    _optional(kwargs, dsn=dsn)
     if _meta:
         kwargs["_meta"] = _meta
     return _run(self, SEND_MESSAGE, kwargs)
+
+
+def _optional(kwargs: dict[str, Any], **options: Any) -> None:
+    """Add the options that were given, only those: the retries and dead letters of a
+    message that uses none of them stay readable by an older worker (a rolling deploy)."""
+    kwargs.update({name: value for name, value in options.items() if value is not None})
 
 
 _T = TypeVar("_T")

@@ -6,6 +6,13 @@ Django's SMTP backend would put it on the wire — ``message.message().as_bytes(
 — and the same envelope (``sanitize_address``, then the bare address smtplib sends), so
 the server receives the same bytes; only the transport differs (a held-open session,
 retries, dead letters).
+
+So header fields pass through as Django writes them: ``EmailMessage(headers={
+"List-Unsubscribe": "<https://example.com/unsub?u=42>, <mailto:unsub@example.com>",
+"List-Unsubscribe-Post": "List-Unsubscribe=One-Click"})`` arrives with both, unchanged
+(and DKIM-signed when the worker's profile signs). Delivery status notifications belong
+to the envelope, not the message: ask for them per connection,
+``get_connection(dsn={"notify": ["FAILURE", "DELAY"], "ret": "HDRS"})``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from mailworker.contrib import PublishError
 from mailworker.contrib.django import conf
 from mailworker.message import RawPayload
+from mailworker.message.payload import check_dsn
 from mailworker.queue.names import SEND_MESSAGE
 
 if TYPE_CHECKING:  # Django has no type information; its classes are opaque to mypy.
@@ -35,11 +43,16 @@ def _bare(address: str) -> str:
     return quoted[1:-1] if quoted.startswith("<") and quoted.endswith(">") else quoted
 
 
-def task_kwargs(message: Any, profile: str = "default") -> dict[str, Any] | None:
+def task_kwargs(
+    message: Any, profile: str = "default", dsn: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The ``send_message`` arguments for a Django ``EmailMessage``; None if it has no recipients.
 
+    ``dsn`` (the task's option, e.g. ``{"notify": ["FAILURE"]}``) is added when given.
+
     Raises:
-        InvalidMessageError: the message cannot be sent (e.g. larger than 25 MiB).
+        InvalidMessageError: the message cannot be sent (e.g. larger than 25 MiB), or
+            ``dsn`` is malformed.
         ValueError: Django refuses an address (as its SMTP backend would).
     """
     if not message.recipients():
@@ -57,12 +70,16 @@ def task_kwargs(message: Any, profile: str = "default") -> dict[str, Any] | None
         envelope_from=_bare(from_email),
         recipients=tuple(_bare(r) for r in recipients),
     )
-    return {
+    kwargs: dict[str, Any] = {
         "raw_b64": base64.b64encode(data).decode("ascii"),
         "envelope_from": payload.envelope_from,
         "recipients": list(payload.recipients),
         "profile": profile,
     }
+    if dsn is not None:
+        check_dsn("dsn", dsn)
+        kwargs["dsn"] = dsn
+    return kwargs
 
 
 class EmailBackend(_BaseEmailBackend):
@@ -80,6 +97,9 @@ class EmailBackend(_BaseEmailBackend):
         profile: the worker's SMTP profile for these messages (default
             ``MAILWORKER["PROFILE"]``, else ``"default"``).
         queue: the Celery queue (default ``MAILWORKER["QUEUE"]``).
+        dsn: delivery status notifications to ask for, for every message, e.g.
+            ``{"notify": ["FAILURE", "DELAY"], "ret": "HDRS"}`` (RFC 3461; left out
+            where the worker's server does not offer DSN).
         kwargs: other ``get_connection()`` arguments (``host``, ``port``, ...) are
             accepted and ignored: the worker's profile decides where mail goes.
     """
@@ -90,12 +110,14 @@ class EmailBackend(_BaseEmailBackend):
         *,
         profile: str | None = None,
         queue: str | None = None,
+        dsn: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         # BaseEmailBackend.__init__ only stores fail_silently.
         self.fail_silently = fail_silently
         self.profile = profile
         self.queue = queue
+        self.dsn = dsn
 
     def send_messages(self, email_messages: Sequence[Any]) -> int:
         """Queue every message that has recipients; return how many were queued.
@@ -111,7 +133,7 @@ class EmailBackend(_BaseEmailBackend):
         profile = self.profile or conf.profile_name()
         queued = 0
         for message in email_messages:
-            kwargs = task_kwargs(message, profile)
+            kwargs = task_kwargs(message, profile, self.dsn)
             if kwargs is None:
                 continue
             try:
