@@ -64,6 +64,12 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
         # to 100 s after the visibility timeout instead of within it.
         "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout / 5))),
         "unacked_restore_throttle": 1,
+        # One worker at a time sweeps for unacknowledged messages, under a Redis lock
+        # that expires after 300 s by default: a worker killed mid-sweep (OOM, SIGKILL)
+        # held up every restore in the fleet for five minutes. A sweep takes
+        # milliseconds and restores each message in a WATCHed transaction, so a short
+        # lock is safe.
+        "unacked_mutex_expire": max(1, min(300, int(settings.visibility_timeout / 10))),
     }
     updates: dict[str, object] = {
         **JSON_ONLY,

@@ -30,10 +30,13 @@ from typing import Any
 
 import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from celery import Celery
 
 from mailworker.dev._smtp import BaseProtocol
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule
+from mailworker.worker.app import configure
+from mailworker.worker.settings import Settings
 from mailworker.worker.tasks import send_mail
 from tests.servers import RecordingHandler, RedisServer, SMTPServer, smtp_url
 from tests.worker_process import WorkerProcess, producer, worker_env
@@ -288,6 +291,16 @@ class Rig:
             fatal = [line for line in lines if "Unrecoverable error" in line]
             self.crashes.append((fatal or lines[-1:] or ["(no output)"])[0][:300])
             self.start_worker()
+
+    def hold_restore_lock(self) -> float:
+        """Take kombu's restore lock as a worker killed in its sweep leaves it: with
+        the expiry that worker's configuration gives it (kombu's default 300 s unless
+        configured). Returns that expiry."""
+        app = configure(Celery("killed", set_as_current=False), Settings.from_env(self.env))
+        expire = float(app.conf.broker_transport_options.get("unacked_mutex_expire", 300))
+        assert self._client is not None
+        self._client.set("unacked_mutex", "killed-worker", px=int(expire * 1000))
+        return expire
 
     def publish(self) -> None:
         """Publish the batch (one ``send_mail.delay`` per message); the clock starts."""

@@ -181,6 +181,18 @@ def worker_sigkill(workdir: Path) -> Result:
         return rig.drain()
 
 
+def worker_sigkill_mid_sweep(workdir: Path) -> Result:
+    """The whole worker is SIGKILLed while it holds kombu's restore lock (set here as
+    a killed sweep leaves it): the replacement must still restore its messages within
+    the visibility timeout and the lock's short expiry, not after kombu's 300 s."""
+    with _rig("worker_sigkill_mid_sweep", workdir, settings=SHORT) as rig:
+        _mid_batch(rig)
+        rig.kill_worker(rig.workers[0])
+        expire = rig.hold_restore_lock()
+        rig.start_worker()
+        return rig.drain(restore_lock_expire=expire)
+
+
 def warm_shutdown(workdir: Path) -> Result:
     """SIGTERM to the worker mid-batch: it finishes the messages in flight and QUITs
     every session; a new worker sends the rest."""
@@ -208,6 +220,7 @@ SCENARIOS: dict[str, Callable[[Path], Result]] = {
     "redis_restart_aof": redis_restart_aof,
     "pool_process_sigkill": pool_process_sigkill,
     "worker_sigkill": worker_sigkill,
+    "worker_sigkill_mid_sweep": worker_sigkill_mid_sweep,
     "warm_shutdown": warm_shutdown,
 }
 
