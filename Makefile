@@ -11,7 +11,7 @@ APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 # smtp-sink (installed unconfigured, so no MTA starts on this machine).
 POSTFIX_PRESEED := postfix postfix/main_mailer_type select No configuration
 
-.PHONY: test demo lint typecheck unit bench faults system-deps test-deps venv clean
+.PHONY: test demo lint typecheck unit bench faults fuzz system-deps test-deps venv clean
 
 test: venv test-deps lint typecheck unit
 
@@ -58,6 +58,12 @@ bench: venv
 
 faults: venv test-deps
 	$(BIN)/python benchmarks/faults.py
+
+# The long run of the hostile-input tests (make test runs a few hundred examples).
+fuzz: venv test-deps
+	MAILWORKER_FUZZ_EXAMPLES=$${MAILWORKER_FUZZ_EXAMPLES:-10000} $(BIN)/pytest -n 2 --timeout=0 \
+		--hypothesis-show-statistics tests/message/test_fuzz_payloads.py \
+		tests/contrib/test_fuzz_entry_points.py tests/smtp/test_fuzz_server.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
