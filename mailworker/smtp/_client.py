@@ -187,8 +187,10 @@ class Client(smtplib.SMTP):
             if problem is not None:
                 self.close()
                 raise ReplyLimitExceeded(problem)
-            # Exactly three digits; int() would also take " 25" or "2_5".
-            if not (len(line) >= 3 and line[:3].isdigit()):
+            # Exactly three digits, then SP, '-' or the line end (RFC 5321 4.2): int()
+            # would also take " 25", and "2500-x" read as a final 250 would leave the
+            # reply's next line to answer the next command.
+            if not (line[:3].isdigit() and line[3:4] in (b" ", b"-", b"\r", b"\n", b"")):
                 code = -1
                 break
             code = int(line[:3])
