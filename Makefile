@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
-# Debian packages the tests run for real: redis-server, and postfix for its
-# smtp-sink (installed unconfigured, so no MTA starts on this machine).
+# Debian packages the tests run for real: redis-server, postfix for its smtp-sink
+# (installed unconfigured, so no MTA starts on this machine), rabbitmq-server (a
+# private node per test session) and systemd (for systemd-analyze verify).
 POSTFIX_PRESEED := postfix postfix/main_mailer_type select No configuration
 
 .PHONY: test demo lint typecheck unit bench faults fuzz system-deps test-deps venv clean
@@ -28,10 +29,14 @@ system-deps:
 	fi
 
 test-deps:
-	@if [ ! -x /usr/sbin/smtp-sink ]; then \
-		echo "installing Debian package: postfix (unconfigured, for smtp-sink)"; \
+	@missing=""; \
+	[ -x /usr/sbin/smtp-sink ] || missing="$$missing postfix"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -x /usr/sbin/rabbitmq-server ] || missing="$$missing rabbitmq-server"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
 		echo "$(POSTFIX_PRESEED)" | $(SUDO) debconf-set-selections; \
-		$(APT) update -qq && $(APT) install -y -qq postfix >/dev/null; \
+		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
 	fi
 
 venv: system-deps $(STAMP)

@@ -7,6 +7,7 @@ import click
 from mailworker.cli.check import check
 from mailworker.cli.dev import demo, devserver
 from mailworker.cli.dlq import dlq
+from mailworker.cli.health import health
 from mailworker.cli.send import send
 from mailworker.cli.worker import worker
 
@@ -22,3 +23,4 @@ main.add_command(check)
 main.add_command(send)
 main.add_command(devserver)
 main.add_command(demo)
+main.add_command(health)

@@ -33,6 +33,8 @@ from mailworker.cli._dlq_format import (
 )
 from mailworker.cli._dlq_select import duration_option, filter_options, store_filters, target_ids
 from mailworker.errors import ConfigError
+from mailworker.store.client import describe as describe_redis
+from mailworker.store.client import redis_client
 from mailworker.store.deadletter import DeadLetterStore, PayloadNotKeptError
 from mailworker.worker.settings import Settings
 
@@ -61,7 +63,8 @@ def default_publish(task_name: str, kwargs: dict[str, Any]) -> str:
     (Celery is imported now, not at CLI start-up)."""
     from mailworker.queue.producer import Producer, producer_app  # noqa: PLC0415
 
-    app = producer_app(Settings.from_env().broker_url)
+    settings = Settings.from_env()
+    app = producer_app(settings.broker_url, sentinel_master=settings.sentinel_master)
     return str(Producer(app).publish(task_name, kwargs).id)
 
 
@@ -79,8 +82,15 @@ class _State:
                 settings = Settings.from_env()
             except ConfigError as exc:
                 raise click.ClickException(str(exc)) from None
-            url = self.redis_url or settings.redis_url
-            self._store = DeadLetterStore.from_url(url, **settings.dlq_limits)
+            try:
+                client = redis_client(
+                    self.redis_url or settings.redis_url,
+                    sentinel_master=settings.sentinel_master,
+                    setting="--redis-url" if self.redis_url else "MAILWORKER_REDIS_URL",
+                )
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from None
+            self._store = DeadLetterStore(client, **settings.dlq_limits)
             click.get_current_context().call_on_close(self._store.redis.close)
         return self._store
 
@@ -99,10 +109,7 @@ class _Group(click.Group):
 
 def _safe_url(client: redis.Redis) -> str:
     """The client's address, for messages; never its password."""
-    kw = client.connection_pool.connection_kwargs
-    if "path" in kw:
-        return f"Redis at unix:{kw['path']}"
-    return f"Redis at {kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    return describe_redis(client)
 
 
 @click.group(cls=_Group)

@@ -41,6 +41,7 @@ import redis
 from mailworker.dev.server import Counters, DevServer, free_port
 from mailworker.errors import MailworkerError
 from mailworker.queue.names import SEND_MAIL
+from mailworker.store.client import redis_client
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule
 from mailworker.worker.settings import Settings
@@ -261,7 +262,7 @@ def _run(
     payloads = batch(count)
     enqueue(env, payloads)
     echo(f"\nEnqueued {len(payloads)} send_mail tasks")
-    client = stack.enter_context(contextlib.closing(redis.Redis.from_url(redis_url)))
+    client = stack.enter_context(contextlib.closing(redis_client(redis_url)))
     delivered, dead = _wait(
         server=server,
         worker=worker,

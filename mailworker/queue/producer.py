@@ -13,9 +13,11 @@ Celery's fallback app (``amqp://guest@localhost``), not the project's.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import threading
 from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
 
 from celery import Celery
 from celery.result import AsyncResult
@@ -33,6 +35,8 @@ __all__ = [
     "producer_app",
     "publish_error",
     "publish_errors",
+    "sentinel_options",
+    "verified_url",
 ]
 
 #: Celery settings that keep pickle out: a broker message can't run code in a worker.
@@ -57,27 +61,85 @@ RESULT_RETRY_POLICY: Final = {
 #: or redis-py's own errors (see :func:`_publish_errors`).
 _PUBLISH_ERRORS = (OperationalError, OSError, RuntimeError)
 
-_apps: dict[str, Celery] = {}
+#: Broker URL schemes of kombu's Redis transports: a producer for such a broker reads
+#: task results from it.
+_REDIS_SCHEMES: Final = ("redis", "rediss", "redis+socket", "sentinel")
+
+_apps: dict[tuple[str, str | None], Celery] = {}
 _apps_lock = threading.Lock()
 
 
-def producer_app(broker_url: str) -> Celery:
+def producer_app(broker_url: str, *, sentinel_master: str | None = None) -> Celery:
     """A Celery app of mailworker's own that publishes to ``broker_url`` (one per URL and
-    process): JSON only, and a broker that fails in seconds rather than hanging."""
+    process): JSON only, and a broker that fails in seconds rather than hanging.
+
+    Its result backend is the broker when that is Redis. For any other broker (RabbitMQ:
+    Celery has no ``amqp://`` result backend) it has none: it publishes, and a result is
+    kept by the worker in ``MAILWORKER_REDIS_URL``, but ``AsyncResult.get()`` here raises.
+
+    Args:
+        broker_url: ``redis://``, ``rediss://`` (see :func:`verified_url`),
+            ``sentinel://h1:26379;sentinel://h2:26379/0`` or another Celery broker URL.
+        sentinel_master: the master's name for a ``sentinel://`` URL; default
+            ``MAILWORKER_SENTINEL_MASTER``.
+
+    Raises:
+        ConfigError: a ``sentinel://`` URL without a master name.
+    """
+    options = sentinel_options(broker_url, sentinel_master)
+    key = (broker_url, options.get("master_name"))
     with _apps_lock:
-        app = _apps.get(broker_url)
+        app = _apps.get(key)
         if app is None:
             # fixups=[]: no Django fix-up, this app only publishes.
             app = Celery("mailworker-producer", set_as_current=False, fixups=[])
+            url = verified_url(broker_url)
             app.conf.update(
                 JSON_ONLY,
-                broker_url=broker_url,
-                result_backend=broker_url,
+                broker_url=url,
+                # Celery has no amqp:// result backend: a producer for RabbitMQ keeps
+                # none and waits for no result (the worker stores it in its Redis).
+                result_backend=url if _is_redis(broker_url) else None,
                 broker_connection_retry_on_startup=True,
+                broker_transport_options=dict(options),
+                result_backend_transport_options=dict(options),
             )
             app.conf.update(fail_fast(app, CONNECT_TIMEOUT))
-            _apps[broker_url] = app
+            _apps[key] = app
         return app
+
+
+def _is_redis(broker_url: str) -> bool:
+    return urlsplit(broker_url.strip()).scheme.lower() in _REDIS_SCHEMES
+
+
+def verified_url(url: str) -> str:
+    """``url``, with ``ssl_cert_reqs=required`` added to a ``rediss://`` URL that has
+    none: kombu would not verify the server's certificate without it, and Celery's
+    result backend refuses such a URL (redis-py, for the store, verifies by default)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "rediss" or "ssl_cert_reqs" in dict(parse_qsl(parts.query)):
+        return url
+    return url + ("&" if parts.query else "?") + "ssl_cert_reqs=required"
+
+
+def sentinel_options(url: str, sentinel_master: str | None = None) -> dict[str, Any]:
+    """The broker (and result backend) transport options a ``sentinel://`` URL needs:
+    ``master_name``, from ``sentinel_master`` or ``MAILWORKER_SENTINEL_MASTER``; none
+    for other URLs.
+
+    Raises:
+        ConfigError: a ``sentinel://`` URL and no master name.
+    """
+    if not url.strip().lower().startswith("sentinel://"):
+        return {}
+    master = sentinel_master or os.environ.get("MAILWORKER_SENTINEL_MASTER")
+    if not master:
+        raise ConfigError(
+            "the broker is a sentinel:// URL: set MAILWORKER_SENTINEL_MASTER to the "
+            "master's name (as in the sentinels' 'sentinel monitor <name> …')"
+        )
+    return {"master_name": master}
 
 
 def fail_fast(app: Celery, timeout: float) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 
 from mailworker.queue.names import TASK_NAMES
-from mailworker.queue.producer import JSON_ONLY, fail_fast
+from mailworker.queue.producer import JSON_ONLY, fail_fast, sentinel_options, verified_url
 from mailworker.worker.settings import Settings
 
 #: The settings each configured app's tasks deliver with (kept off ``app.conf``: they
@@ -33,9 +33,10 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
     """Apply the settings mailworker's delivery guarantees depend on.
 
     - JSON only, never pickle (a broker message can't run code in the worker);
-    - a prefetch of one, and the Redis ``visibility_timeout`` above twice the
-      tasks' hard time limit: a message is never redelivered while it still runs
-      or waits in a worker;
+    - a prefetch of one, and the Redis ``visibility_timeout`` (with RabbitMQ, its
+      ``consumer_timeout``, ``MAILWORKER_CONSUMER_TIMEOUT``) above twice the tasks'
+      hard time limit: a message is never redelivered while it still runs or waits in
+      a worker;
     - kombu looks for a killed worker's messages within the visibility timeout;
     - mailworker's tasks run in this app with ``settings`` (their time limits,
       retries, Redis, dead-letter store), and ``send_mail.delay(...)`` publishes
@@ -53,8 +54,10 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
     Args:
         app: the Celery app to configure.
         settings: defaults to :meth:`Settings.from_env`, read now.
-        broker: also point the app's broker and result backend at
-            ``MAILWORKER_BROKER_URL``; pass False for an app with its own broker.
+        broker: also point the app's broker at ``MAILWORKER_BROKER_URL`` and its
+            result backend at :attr:`Settings.result_backend` (the broker when it is
+            Redis, else ``MAILWORKER_REDIS_URL``); pass False for an app with its own
+            broker.
     """
     settings = settings or Settings.from_env()
     transport = {
@@ -70,6 +73,8 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
         # milliseconds and restores each message in a WATCHed transaction, so a short
         # lock is safe.
         "unacked_mutex_expire": max(1, min(300, int(settings.visibility_timeout / 10))),
+        # master_name, for a sentinel:// broker and result backend.
+        **(sentinel_options(settings.broker_url, settings.sentinel_master) if broker else {}),
     }
     updates: dict[str, object] = {
         **JSON_ONLY,
@@ -78,6 +83,12 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
         "result_backend_transport_options": {
             **(app.conf.result_backend_transport_options or {}),
             **transport,
+            # With RabbitMQ the result backend is the store's Redis: maybe sentinel:// too.
+            **(
+                sentinel_options(settings.result_backend, settings.sentinel_master)
+                if broker
+                else {}
+            ),
         },
         "broker_connection_retry_on_startup": True,
     }
@@ -96,8 +107,10 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
         ),
     ]
     if broker:
-        updates["broker_url"] = settings.broker_url
-        updates["result_backend"] = settings.broker_url
+        updates["broker_url"] = verified_url(settings.broker_url)
+        # A Redis broker keeps the results; with RabbitMQ (Celery has no amqp:// result
+        # backend) the store's Redis does.
+        updates["result_backend"] = verified_url(settings.result_backend)
     app.conf.update(updates)
     _apply_limits(app, settings)
     with _lock:

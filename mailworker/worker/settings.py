@@ -2,7 +2,14 @@
 
 ====================================  ==========================================
 ``MAILWORKER_BROKER_URL``             Celery broker (default ``redis://localhost:6379/0``)
-``MAILWORKER_REDIS_URL``              dead letters, retries, idempotency (default: broker)
+``MAILWORKER_REDIS_URL``              dead letters, retries, idempotency (default: the broker
+                                      when it is Redis; required with any other broker, e.g.
+                                      RabbitMQ, whose worker also keeps its results there)
+``MAILWORKER_SENTINEL_MASTER``        the master's name, for ``sentinel://`` broker and store
+                                      URLs (``sentinel://h1:26379;sentinel://h2:26379/0``)
+``MAILWORKER_REDIS_REPLICAS``         replicas that must confirm a task's Redis writes
+                                      (``WAIT``) before its message is acknowledged
+                                      (default 1 with a ``sentinel://`` store, else 0)
 ``MAILWORKER_DEFAULT_FROM``           ``from_email`` when a task gives none
 ``MAILWORKER_RETRY_DELAYS``           seconds between delayed retries, last repeats
                                       (default ``60,300,900,3600,14400``)
@@ -11,7 +18,11 @@
 ``MAILWORKER_MAX_AGE``                give up this many seconds after the first attempt
                                       (default 86400)
 ``MAILWORKER_VISIBILITY_TIMEOUT``     Redis broker redelivery timeout (default 600)
-``MAILWORKER_TASK_TIME_LIMIT``        hard limit per task (default: 2/5 of the above)
+``MAILWORKER_TASK_TIME_LIMIT``        hard limit per task (default: 2/5 of the above); below
+                                      half of the visibility timeout, or with RabbitMQ
+                                      below half of its consumer timeout
+``MAILWORKER_CONSUMER_TIMEOUT``       RabbitMQ's ``consumer_timeout`` as set on the server,
+                                      in seconds (default 1800, RabbitMQ's own default)
 ``MAILWORKER_MAX_REDELIVERIES``       worker-lost redeliveries before "poison" (default 3)
 ``MAILWORKER_DLQ_MAX``                dead-letter records kept (default 100000)
 ``MAILWORKER_DLQ_TTL``                seconds a dead-letter record is kept (default 30 days)
@@ -40,12 +51,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from mailworker.errors import ConfigError
 from mailworker.message.payload import MAX_MESSAGE_BYTES, MAX_RECIPIENTS, Limits
 from mailworker.queue.names import DEFAULT_BROKER_URL
 
 DEFAULT_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0, 14400.0)
+#: Broker URL schemes of kombu's Redis transports (as in
+#: :mod:`mailworker.queue.producer`, which a settings reader must not import: Celery).
+_REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+#: Broker URL schemes of RabbitMQ (kombu's py-amqp transport).
+_AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 #: The dead-letter store's byte budget and per-record payload cap, as in
 #: :mod:`mailworker.store.deadletter` (repeated, so that reading settings — which a Django
@@ -61,12 +78,17 @@ class Settings:
     # URLs may hold a Redis password: kept out of repr().
     broker_url: str = field(default=DEFAULT_BROKER_URL, repr=False)
     redis_url: str = field(default="", repr=False)
+    sentinel_master: str | None = None
+    #: -1: 1 with a ``sentinel://`` store, else 0.
+    redis_replicas: int = -1
     default_from: str | None = None
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
     retry_jitter: float = 0.1
     max_age: float = 86400.0
     visibility_timeout: float = 600.0
     task_time_limit: float = 0.0
+    #: RabbitMQ's ``consumer_timeout``: what stands in for the visibility timeout there.
+    consumer_timeout: float = 1800.0
     max_redeliveries: int = 3
     dlq_max: int = 100_000
     dlq_ttl: float = 30 * 86400.0
@@ -84,7 +106,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not self.redis_url:
+            if not _shares_redis(self.broker_url):
+                raise ConfigError(
+                    f"MAILWORKER_REDIS_URL: the broker is {_scheme(self.broker_url)}://, and "
+                    "mailworker keeps its dead letters, retry schedule and idempotency "
+                    "records in Redis: set MAILWORKER_REDIS_URL, e.g. redis://localhost:6379/0"
+                )
             object.__setattr__(self, "redis_url", self.broker_url)
+        if self.redis_replicas < 0:
+            object.__setattr__(self, "redis_replicas", int(_is_sentinel(self.redis_url)))
         if not self.task_time_limit:
             object.__setattr__(self, "task_time_limit", self.visibility_timeout * 0.4)
         if not self.retry_delays or any(d < 1 for d in self.retry_delays):
@@ -94,8 +124,18 @@ class Settings:
             )
         # A prefetched message waits at most one task time limit before it runs,
         # then runs at most one: both must fit in the visibility timeout, or Redis
-        # hands the message to a second worker while the first still has it.
-        if self.task_time_limit * 2 >= self.visibility_timeout:
+        # hands the message to a second worker while the first still has it. RabbitMQ
+        # redelivers at once when a worker's connection closes and has no visibility
+        # timeout; it closes the channel of a consumer that holds a message unacknowledged
+        # longer than its consumer_timeout, and redelivers all of the channel's messages.
+        if _scheme(self.broker_url) in _AMQP_SCHEMES:
+            if self.task_time_limit * 2 >= self.consumer_timeout:
+                raise ConfigError(
+                    "MAILWORKER_TASK_TIME_LIMIT must be below half of RabbitMQ's consumer "
+                    f"timeout, MAILWORKER_CONSUMER_TIMEOUT (now {self.task_time_limit:g} s "
+                    f"and {self.consumer_timeout:g} s)"
+                )
+        elif self.task_time_limit * 2 >= self.visibility_timeout:
             raise ConfigError(
                 "MAILWORKER_TASK_TIME_LIMIT must be below half of MAILWORKER_VISIBILITY_TIMEOUT "
                 f"(now {self.task_time_limit:g} s and {self.visibility_timeout:g} s)"
@@ -113,6 +153,12 @@ class Settings:
                 raise ConfigError(f"{var}: must be above 0")
         if self.log_format not in (None, "json", "console"):
             raise ConfigError("MAILWORKER_LOG_FORMAT: use 'json' or 'console'")
+
+    @property
+    def result_backend(self) -> str:
+        """Where a worker keeps task results: a Redis broker, else (RabbitMQ: Celery has
+        no ``amqp://`` result backend) the store's Redis, ``MAILWORKER_REDIS_URL``."""
+        return self.broker_url if _shares_redis(self.broker_url) else self.redis_url
 
     @property
     def message_limits(self) -> Limits:
@@ -137,6 +183,7 @@ class Settings:
         text = {
             "MAILWORKER_BROKER_URL": "broker_url",
             "MAILWORKER_REDIS_URL": "redis_url",
+            "MAILWORKER_SENTINEL_MASTER": "sentinel_master",
             "MAILWORKER_DEFAULT_FROM": "default_from",
             "MAILWORKER_LOG_FORMAT": "log_format",
         }
@@ -147,6 +194,7 @@ class Settings:
             "MAILWORKER_MAX_AGE": "max_age",
             "MAILWORKER_VISIBILITY_TIMEOUT": "visibility_timeout",
             "MAILWORKER_TASK_TIME_LIMIT": "task_time_limit",
+            "MAILWORKER_CONSUMER_TIMEOUT": "consumer_timeout",
             "MAILWORKER_DLQ_TTL": "dlq_ttl",
             "MAILWORKER_RETRY_JITTER": "retry_jitter",
             "MAILWORKER_PUBLISH_TIMEOUT": "publish_timeout",
@@ -161,6 +209,7 @@ class Settings:
             "MAILWORKER_DLQ_MAX_PAYLOAD_BYTES": "dlq_max_payload_bytes",
             "MAILWORKER_MAX_MESSAGE_BYTES": "max_message_bytes",
             "MAILWORKER_MAX_RECIPIENTS": "max_recipients",
+            "MAILWORKER_REDIS_REPLICAS": "redis_replicas",
         }.items():
             if env.get(var):
                 kwargs[name] = int(_number(var, env[var], int))
@@ -172,6 +221,20 @@ class Settings:
                 if part.strip()
             )
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _is_sentinel(url: str) -> bool:
+    return url.strip().lower().startswith("sentinel://")
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url.strip()).scheme.lower()
+
+
+def _shares_redis(broker_url: str) -> bool:
+    """Whether the store may default to the broker: it is Redis (or kombu's in-process
+    ``memory://`` transport of tests, which no worker runs on)."""
+    return _scheme(broker_url) in (*_REDIS_SCHEMES, "memory")
 
 
 def _number(var: str, value: str, kind: type[int] | type[float]) -> float:

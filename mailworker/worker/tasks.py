@@ -13,6 +13,7 @@ it starts, a publisher when it publishes its first message.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -31,6 +32,12 @@ from mailworker.errors import DeadLetteredError
 from mailworker.queue.names import SEND_MAIL, SEND_MESSAGE
 from mailworker.queue.producer import Producer, publish_error, publish_errors
 from mailworker.smtp.profile import Profile
+from mailworker.store.client import (
+    REPLICA_TIMEOUT,
+    NotReplicatedError,
+    confirm_replicated,
+    redis_client,
+)
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule, ScheduledTask
 from mailworker.worker.app import ensure_limits, publishing_app, settings_of
@@ -49,6 +56,8 @@ class _ProcessState:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.delivery: Delivery | None = None
+        #: The Redis client ``delivery`` writes through.
+        self.redis: redis.Redis | None = None
         self.pid = 0
         self.mover: RetryMover | None = None
 
@@ -76,13 +85,14 @@ def delivery(settings: Settings) -> Delivery:
     with _state.lock:
         current = _state.delivery
         if current is None or _state.pid != os.getpid() or current.settings is not settings:
+            client = _redis(settings)
             current = Delivery(
                 settings,
-                _redis(settings),
+                client,
                 SessionPool(_profiles(settings)),
                 interrupts=(SoftTimeLimitExceeded,),
             )
-            _state.delivery, _state.pid = current, os.getpid()
+            _state.delivery, _state.redis, _state.pid = current, client, os.getpid()
         return current
 
 
@@ -99,12 +109,33 @@ def _profiles(settings: Settings) -> Callable[[str], Profile]:
 
 def _redis(settings: Settings) -> redis.Redis:
     # Bounded waits: a hung Redis must fail a task well inside its time limit.
-    return redis.Redis.from_url(
+    return redis_client(
         settings.redis_url,
+        sentinel_master=settings.sentinel_master,
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
     )
+
+
+def _replicated(settings: Settings) -> None:
+    """Wait until ``MAILWORKER_REDIS_REPLICAS`` replicas have every Redis write so far.
+
+    Before a delivery: no message is sent while its idempotency record could not be
+    kept (no replica online, or a primary Sentinel is replacing). After it, before
+    Celery acknowledges the task message: its idempotency record, scheduled retry or
+    dead letter survives a failover. A shortfall is a NotReplicatedError, handled as
+    Redis being down: the message goes back to the queue.
+    """
+    if settings.redis_replicas and _state.redis is not None:
+        # Two waits and the pause before a hand-back fit in the soft time limit.
+        timeout = min(REPLICA_TIMEOUT, settings.task_time_limit / 20)
+        try:
+            confirm_replicated(_state.redis, settings.redis_replicas, timeout)
+        except SoftTimeLimitExceeded:
+            # Out of time while waiting is a shortfall too, not a failed task (which
+            # Celery would acknowledge).
+            raise NotReplicatedError("the soft time limit came while waiting") from None
 
 
 def _route(task: Task[Any, Any]) -> tuple[str | None, str | None]:
@@ -120,18 +151,30 @@ def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> TaskResult:
     task_id = task.request.id or f"eager-{time.time_ns()}"
     try:
         exchange, routing_key = _route(task)
-        return delivery(settings_of(task.app)).run(
-            name,
-            task_id,
-            kwargs,
-            queue=routing_key,
-            exchange=exchange,
-            time_limit=task.time_limit,
-        )
+        settings = settings_of(task.app)
+        work = delivery(settings)
+        _replicated(settings)
+        try:
+            result = work.run(
+                name,
+                task_id,
+                kwargs,
+                queue=routing_key,
+                exchange=exchange,
+                time_limit=task.time_limit,
+            )
+        except DeadLetteredError:
+            _replicated(settings)
+            raise
+        _replicated(settings)
+        return result
     except redis.RedisError as exc:
         # Nothing could be recorded: hand the message back unacknowledged.
         log.warning("mail.redis_unavailable", task_id=task_id, error=str(exc))
-        time.sleep(1)
+        # The soft time limit must not turn the hand-back into a failure, which Celery
+        # would acknowledge.
+        with contextlib.suppress(SoftTimeLimitExceeded):
+            time.sleep(1)
         raise Reject(str(exc), requeue=True) from exc
 
 

@@ -33,6 +33,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from celery import Celery
 
 from mailworker.dev._smtp import BaseProtocol
+from mailworker.store import keys
 from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule
 from mailworker.worker.app import configure
@@ -429,6 +430,25 @@ class Rig:
                 "dropped_after_data": counts["dropped_after_data"],
                 "duplicated": sorted(s for s, n in Counter(s for s, _ in copies).items() if n > 1),
                 "crashes": list(self.crashes),
+                "vanished": self._vanished(set(self.subjects) - sent - dead),
                 **detail,
             },
         )
+
+    def _vanished(self, lost: set[str]) -> int:
+        """How many ``lost`` messages Redis no longer holds anywhere: neither queued,
+        unacknowledged, nor scheduled for a retry — gone in kombu's window between
+        taking a message off the queue and recording it as unacknowledged
+        (celery/kombu#305), which a SIGKILL of the worker's main process can hit."""
+        if not lost or self._client is None:
+            return 0
+        try:
+            held = [
+                *self._client.lrange(QUEUE, 0, -1),
+                *self._client.hvals(UNACKED),
+                *self._client.hvals(keys.retry_task()),
+            ]
+        except Exception:  # Redis already stopped: nothing to tell
+            return 0
+        text = "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in held)
+        return sum(1 for subject in lost if subject not in text)

@@ -9,7 +9,12 @@
   EHLO keywords), plus AUTH LOGIN, PLAIN, CRAM-MD5 and XOAUTH2 (:mod:`.auth`).
 - :class:`ScriptedServer` (:mod:`.scripted`): a raw TCP server driven by a Python
   function, for faults a real server never produces.
-- :class:`RedisServer` (:mod:`.redis_server`): a private ``redis-server`` subprocess.
+- :class:`RedisServer` (:mod:`.redis_server`): a private ``redis-server`` subprocess,
+  clear text or TLS only, with a password or an ACL user if asked.
+- :class:`SentinelGroup` (:mod:`.sentinel`): a primary, a replica and three sentinels
+  (:class:`SentinelServer`), with a failover on demand.
+- :class:`RabbitMQServer` (:mod:`.rabbitmq`): a private ``rabbitmq-server`` node, one
+  fresh virtual host per test.
 - :func:`smtp_url` and :func:`profile_urls` (:mod:`.urls`): profile URLs for them.
 
 Nothing here imports pytest; the fixtures are in ``tests/conftest.py``.
@@ -33,9 +38,11 @@ from tests.servers.base import (
     WRONG_PASSWORD,
     wait_for,
 )
+from tests.servers.rabbitmq import RabbitMQServer
 from tests.servers.recording import ReceivedMessage, RecordingHandler
 from tests.servers.redis_server import RedisServer
 from tests.servers.scripted import ClientClosed, Script, ScriptConnection, ScriptedServer
+from tests.servers.sentinel import SentinelGroup, SentinelServer
 from tests.servers.smtp import SMTPServer
 from tests.servers.tls import CertChoice, TLSMaterials
 from tests.servers.urls import profile_urls, smtp_url
@@ -54,6 +61,7 @@ __all__ = [
     "AuthAttempt",
     "CertChoice",
     "ClientClosed",
+    "RabbitMQServer",
     "ReceivedMessage",
     "RecordingHandler",
     "RedisServer",
@@ -61,6 +69,8 @@ __all__ = [
     "Script",
     "ScriptConnection",
     "ScriptedServer",
+    "SentinelGroup",
+    "SentinelServer",
     "TLSMaterials",
     "TLSMode",
     "free_port",

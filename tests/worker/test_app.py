@@ -7,7 +7,9 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
+from mailworker.errors import ConfigError
 from mailworker.queue.names import SEND_MAIL, SEND_MESSAGE
+from mailworker.queue.producer import producer_app
 from mailworker.worker import app as worker_app
 from mailworker.worker.app import (
     configure,
@@ -83,3 +85,86 @@ class TestSettingsOfAnApp:
         assert app.tasks[SEND_MAIL].time_limit == limit
         assert app.tasks[SEND_MESSAGE].soft_time_limit == pytest.approx(limit * 0.9)
         assert settings_of(app) is env_settings()
+
+
+class TestBrokers:
+    """What changes with RabbitMQ as the broker: the store's URL, the result backend, and
+    the timeout the task time limit must stay below."""
+
+    RABBIT = "amqp://mail:s3cret-pass@rabbit.internal:5672/mail"
+    STORE = "redis://store.internal:6379/2"
+
+    def test_rabbitmq_broker_needs_the_store_url(self) -> None:
+        """With an amqp:// broker and no MAILWORKER_REDIS_URL, reading the settings fails
+        with an error that names the variable and the broker's scheme, not its password."""
+        with pytest.raises(ConfigError) as failure:
+            Settings.from_env({"MAILWORKER_BROKER_URL": self.RABBIT})
+
+        message = str(failure.value)
+        assert message.startswith("MAILWORKER_REDIS_URL: the broker is amqp://")
+        assert "s3cret" not in message
+
+    def test_redis_broker_is_the_default_store_and_result_backend(self) -> None:
+        """A Redis broker is also the store and the result backend unless told otherwise;
+        a separate store leaves the results on the broker, where they always were."""
+        alone = Settings.from_env({"MAILWORKER_BROKER_URL": "redis://broker:6379/0"})
+        both = Settings.from_env(
+            {"MAILWORKER_BROKER_URL": "redis://broker:6379/0", "MAILWORKER_REDIS_URL": self.STORE}
+        )
+
+        assert alone.redis_url == alone.result_backend == "redis://broker:6379/0"
+        assert (both.redis_url, both.result_backend) == (self.STORE, "redis://broker:6379/0")
+
+    def test_rabbitmq_app_keeps_results_in_the_store(self) -> None:
+        """configure() points an app at RabbitMQ for tasks and at MAILWORKER_REDIS_URL for
+        results (Celery has no amqp:// result backend)."""
+        settings = Settings.from_env(
+            {"MAILWORKER_BROKER_URL": self.RABBIT, "MAILWORKER_REDIS_URL": self.STORE}
+        )
+        app = configure(Celery("rabbit", set_as_current=False), settings)
+
+        assert app.conf.broker_url == self.RABBIT
+        assert app.conf.result_backend == self.STORE
+        assert type(app.backend).__name__ == "RedisBackend"
+
+    def test_producer_for_rabbitmq_keeps_no_results(self) -> None:
+        """A producer made for an amqp:// URL publishes without a result backend; one for
+        a Redis broker reads results from it."""
+        rabbit = producer_app("amqp://guest@producer-test.invalid:5672//")
+        redis_app = producer_app("redis://producer-test.invalid:6379/4")
+
+        assert rabbit.conf.result_backend is None
+        assert type(rabbit.backend).__name__ == "DisabledBackend"
+        assert redis_app.conf.result_backend == "redis://producer-test.invalid:6379/4"
+
+    @pytest.mark.parametrize(
+        ("env", "problem"),
+        [
+            ({"MAILWORKER_TASK_TIME_LIMIT": "900"}, "MAILWORKER_CONSUMER_TIMEOUT"),
+            ({"MAILWORKER_TASK_TIME_LIMIT": "900", "MAILWORKER_CONSUMER_TIMEOUT": "3600"}, None),
+            # The visibility timeout is the Redis broker's: RabbitMQ ignores it.
+            ({"MAILWORKER_TASK_TIME_LIMIT": "400", "MAILWORKER_VISIBILITY_TIMEOUT": "600"}, None),
+        ],
+    )
+    def test_time_limit_stays_below_half_the_consumer_timeout(
+        self, env: dict[str, str], problem: str | None
+    ) -> None:
+        """With RabbitMQ the hard task time limit must be below half of its consumer
+        timeout (MAILWORKER_CONSUMER_TIMEOUT, default 1800 s), not of the visibility
+        timeout."""
+        env = {"MAILWORKER_BROKER_URL": self.RABBIT, "MAILWORKER_REDIS_URL": self.STORE, **env}
+        if problem is None:
+            assert Settings.from_env(env).task_time_limit == float(
+                env["MAILWORKER_TASK_TIME_LIMIT"]
+            )
+        else:
+            with pytest.raises(ConfigError, match=problem):
+                Settings.from_env(env)
+
+    def test_redis_broker_still_checks_the_visibility_timeout(self) -> None:
+        """The same 400 s limit with a Redis broker and a 600 s visibility timeout is
+        refused, naming MAILWORKER_VISIBILITY_TIMEOUT."""
+        with pytest.raises(ConfigError, match="MAILWORKER_VISIBILITY_TIMEOUT"):
+            Settings.from_env(
+                {"MAILWORKER_TASK_TIME_LIMIT": "400", "MAILWORKER_VISIBILITY_TIMEOUT": "600"}
+            )

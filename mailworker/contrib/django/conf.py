@@ -62,6 +62,8 @@ __all__ = [
 #: Keys of ``settings.MAILWORKER`` that are passed to the worker as ``MAILWORKER_<KEY>``.
 WORKER_KEYS = (
     "REDIS_URL",
+    "SENTINEL_MASTER",
+    "REDIS_REPLICAS",
     "RETRY_DELAYS",
     "RETRY_JITTER",
     "MAX_AGE",
