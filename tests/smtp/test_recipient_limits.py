@@ -501,7 +501,7 @@ def smtp_sink(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """Postfix's ``smtp-sink`` (PIPELINING) on a free port, dumping each message to a file
     under ``tmp_path``; yields the port and the dump directory."""
     if not os.access(SMTP_SINK, os.X_OK):
-        pytest.skip(f"{SMTP_SINK} not installed (apt-get install postfix)")
+        pytest.fail(f"{SMTP_SINK} not installed: make test installs postfix")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
