@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -19,6 +20,7 @@ from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule
 from tests.servers import RedisServer, ScriptedServer, SMTPServer, TLSMaterials
 from tests.servers.base import Service
+from tests.servers.sink import SinkFactory, sink_factory
 
 #: Databases handed out by ``redis_url`` in turn (0 is left alone).
 _REDIS_DBS = itertools.cycle(range(1, 16))
@@ -146,3 +148,12 @@ def schedule(redis_client: redis.Redis) -> RetrySchedule:
 def dlq(redis_client: redis.Redis) -> DeadLetterStore:
     """The dead-letter store in the test's database (where workers write)."""
     return DeadLetterStore(redis_client)
+
+
+@pytest.fixture
+def start_sink(tmp_path: Path) -> Iterator[SinkFactory]:
+    """Factory: ``start_sink(*options)`` starts a Postfix smtp-sink on a free port
+    (``-N`` hides DSN, ``-p`` PIPELINING); every one is stopped at teardown."""
+    start, stop_all = sink_factory(tmp_path)
+    yield start
+    stop_all()

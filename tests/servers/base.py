@@ -3,6 +3,7 @@ start/stop life cycle as a context manager."""
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -41,17 +42,17 @@ def wait_for(predicate: Callable[[], _T], timeout: float, what: str) -> _T:
         time.sleep(0.005)
 
 
-class Service:
+class Service(abc.ABC):
     """Something started with :meth:`start` (which returns it) and stopped with
     :meth:`stop`, also as a context manager."""
 
+    @abc.abstractmethod
     def start(self: _S) -> _S:
         """Start; return self."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def stop(self) -> None:
         """Stop (idempotent)."""
-        raise NotImplementedError
 
     def __enter__(self: _S) -> _S:
         return self.start()

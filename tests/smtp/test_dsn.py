@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterator, MutableMapping
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +24,7 @@ from mailworker.worker.delivery import Delivery
 from mailworker.worker.sessions import SessionPool
 from mailworker.worker.settings import Settings
 from tests.servers import SMTPServer
-from tests.test_postfix import SMTPSink, free_port
+from tests.servers.sink import SinkFactory
 from tests.worker_process import BASE_SETTINGS
 
 SENDER = "app@example.com"
@@ -33,27 +32,6 @@ MESSAGE = b"From: app@example.com\r\nTo: ann@example.org\r\nSubject: dsn\r\n\r\n
 #: The issue's example: bounces and delays, headers only, an envelope id.
 ASKED = DSN(notify=("FAILURE", "DELAY"), ret="HDRS", envid="order 42+x=y")
 ENVID_XTEXT = "order+2042+2Bx+3Dy"
-
-SinkFactory = Callable[..., SMTPSink]
-
-
-@pytest.fixture
-def start_sink(tmp_path: Path) -> Iterator[SinkFactory]:
-    """Factory: ``start_sink(*options)`` starts an smtp-sink on a free port (stopped at
-    teardown); ``-N`` hides DSN, ``-p`` PIPELINING."""
-    sinks: list[SMTPSink] = []
-
-    def start(*options: str) -> SMTPSink:
-        index = len(sinks)
-        dump_dir = tmp_path / f"dumps{index}"
-        dump_dir.mkdir()
-        sink = SMTPSink(free_port(), dump_dir, tmp_path / f"smtp-sink{index}.out")
-        sinks.append(sink)
-        return sink.start(*options)
-
-    yield start
-    for sink in sinks:
-        sink.stop()
 
 
 def client_lines(transcript: Any) -> list[str]:
