@@ -28,6 +28,7 @@ from flask import Flask
 from mailworker.cli import main
 from mailworker.contrib.django.backend import task_kwargs
 from mailworker.contrib.flask import MailWorker
+from mailworker.dev.server import free_port
 from mailworker.errors import InvalidMessageError
 from mailworker.queue.names import SEND_MAIL, SEND_MESSAGE
 from mailworker.smtp.profile import Profile
@@ -36,7 +37,7 @@ from mailworker.worker.sessions import SessionPool
 from mailworker.worker.settings import Settings
 from tests.contrib.test_django import BACKEND, FIXED
 from tests.servers import SMTPServer
-from tests.test_postfix import SMTPSink, free_port
+from tests.servers.sink import SMTPSink
 from tests.worker_process import BASE_SETTINGS
 
 HTTPS = "https://shop.example/unsubscribe?u=42&token=" + "a1B2c3" * 12
