@@ -26,8 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
     args = parser.parse_args(argv)
 
-    result = send_mail.delay(
-        to=args.to, subject=args.subject, text=args.text, from_email=args.from_email
+    # Results are opt-in (MAILWORKER_RESULTS=1 for every task): this one waits for its.
+    result = send_mail.apply_async(
+        kwargs={
+            "to": args.to,
+            "subject": args.subject,
+            "text": args.text,
+            "from_email": args.from_email,
+        },
+        ignore_result=False,
     )
     print(f"queued task {result.id}", file=sys.stderr)
     try:

@@ -31,15 +31,24 @@ if TYPE_CHECKING:
         SMTPSession,
         Timeouts,
     )
-    from mailworker.worker.tasks import send_mail, send_message
+    from mailworker.smtp.profile import FleetLimits, Rate
+    from mailworker.worker.tasks import (
+        send_mail,
+        send_mail_batch,
+        send_message,
+        send_message_batch,
+    )
 
 __version__ = "0.1.0"
 
 #: Loaded on first use: the SMTP layer alone never imports Celery, and a process that
 #: only builds messages (``mailworker.message``) loads the standard library only.
 _LAZY = {
-    "send_mail": "mailworker.worker.tasks",
-    "send_message": "mailworker.worker.tasks",
+    **dict.fromkeys(
+        ("send_mail", "send_mail_batch", "send_message", "send_message_batch"),
+        "mailworker.worker.tasks",
+    ),
+    **dict.fromkeys(("FleetLimits", "Rate"), "mailworker.smtp.profile"),
     **dict.fromkeys(
         (
             "DSN",
@@ -67,10 +76,12 @@ __all__ = [
     "DSN",
     "ConfigError",
     "DeadLetteredError",
+    "FleetLimits",
     "InvalidMessageError",
     "MailworkerError",
     "Profile",
     "PublishError",
+    "Rate",
     "RecipientResult",
     "Reply",
     "SMTPAuthError",
@@ -87,5 +98,7 @@ __all__ = [
     "SessionInfo",
     "Timeouts",
     "send_mail",
+    "send_mail_batch",
     "send_message",
+    "send_message_batch",
 ]

@@ -156,6 +156,49 @@ class TestPipelining:
             assert dump.content == as_dumped(message)
 
 
+class TestSendMany:
+    """``send_many`` through smtp-sink (PIPELINING, no CHUNKING): each message follows
+    the previous one's end-of-data dot in the same write."""
+
+    def test_300_messages_in_one_batch(self, start_sink: SinkFactory) -> None:
+        """300 tricky messages in one send_many arrive each exactly once, with their
+        envelope and their CRLF-normalised content, on one connection."""
+        sink = start_sink()
+        token = f"{os.getpid()}-{time.monotonic_ns()}"
+        items = [
+            (f"app+{n}@example.com", [f"r{n}-{k}@example.org" for k in range(2)],
+             tricky_message(n, token))
+            for n in range(300)
+        ]  # fmt: skip
+        with SMTPSession(sink.profile()) as session:
+            results = session.send_many(items)
+            assert session.connections == 1
+        assert [r.accepted for r in results if isinstance(r, SendResult)] == [
+            recipients for _, recipients, _ in items
+        ]
+        assert sink.settle(1) == {"sess": 1, "quit": 1, "mesg": 300}
+        sent = {f"<{n}.{token}@test.example>": item for n, item in enumerate(items)}
+        dumps = sink.dumps()
+        assert Counter(d.header("Message-ID") for d in dumps) == Counter(list(sent))
+        for dump in dumps:
+            sender, recipients, message = sent[dump.header("Message-ID")]
+            assert dump.mail_args == f"<{sender}>"
+            assert dump.rcpt_args == tuple(f"<{r}>" for r in recipients)
+            assert dump.content == as_dumped(message)
+
+    def test_send_is_unchanged(self, start_sink: SinkFactory) -> None:
+        """send() after send_many() on the same session: still two round trips, DATA."""
+        sink = start_sink()
+        with SMTPSession(sink.profile()) as session:
+            session.send_many([(SENDER, ["a@example.org"], b"Subject: one\r\n\r\nx\r\n")])
+            result = session.send(SENDER, ["b@example.org"], b"Subject: two\r\n\r\ny\r\n")
+        assert shape(lines(result)) == [
+            "C: MAIL", "C: RCPT", "C: DATA", "S: 250", "S: 250", "S: 354",
+            "C: <content>", "C: .", "S: 250",
+        ]  # fmt: skip
+        assert sink.settle(1)["mesg"] == 2
+
+
 class TestExtensions:
     """MAIL parameters follow what smtp-sink offers: 8BITMIME yes, SMTPUTF8 no."""
 

@@ -43,6 +43,8 @@ BASE_SETTINGS: Mapping[str, str] = {
     "MAILWORKER_VISIBILITY_TIMEOUT": "10",
     "MAILWORKER_TASK_TIME_LIMIT": "4",
     "MAILWORKER_LOG_FORMAT": "json",
+    # The tests read task results.
+    "MAILWORKER_RESULTS": "1",
 }
 #: Fields every terminal event (mail.sent, mail.deferred, mail.dead_lettered) carries.
 TERMINAL_FIELDS = (

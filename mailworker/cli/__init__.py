@@ -9,6 +9,7 @@ from mailworker.cli.dev import demo, devserver
 from mailworker.cli.dlq import dlq
 from mailworker.cli.health import health
 from mailworker.cli.send import send
+from mailworker.cli.status import status
 from mailworker.cli.worker import worker
 
 
@@ -24,3 +25,4 @@ main.add_command(send)
 main.add_command(devserver)
 main.add_command(demo)
 main.add_command(health)
+main.add_command(status)

@@ -9,8 +9,12 @@ from typing import Any, Final
 SEND_MAIL: Final = "mailworker.send_mail"
 #: Sends a prebuilt RFC 5322 message.
 SEND_MESSAGE: Final = "mailworker.send_message"
+#: Sends a batch of messages for one profile (``send_mail`` arguments each).
+SEND_MAIL_BATCH: Final = "mailworker.send_mail_batch"
+#: Sends a batch of prebuilt messages for one profile (``send_message`` arguments each).
+SEND_MESSAGE_BATCH: Final = "mailworker.send_message_batch"
 #: Every task mailworker's worker runs.
-TASK_NAMES: Final = (SEND_MAIL, SEND_MESSAGE)
+TASK_NAMES: Final = (SEND_MAIL, SEND_MESSAGE, SEND_MAIL_BATCH, SEND_MESSAGE_BATCH)
 #: Where producers and workers meet unless MAILWORKER_BROKER_URL says otherwise.
 DEFAULT_BROKER_URL: Final = "redis://localhost:6379/0"
 

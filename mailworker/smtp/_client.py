@@ -11,11 +11,11 @@ byte now and then holds it for ever. Replies are read here instead.
 from __future__ import annotations
 
 import contextlib
+import select
 import smtplib
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
 #: Size of each write of message content; each write has its own data_block timeout.
-_BLOCK = 64 * 1024
+BLOCK = 64 * 1024
 #: How long to look for a refusal after the server stopped reading our content.
-_EARLY_REPLY_WAIT = 2.0
+EARLY_REPLY_WAIT = 2.0
 #: Longest reply line accepted, line ending included. RFC 5321 §4.5.3.1.5 says 512,
 #: but servers write longer text lines; smtplib's limit (8192) keeps them working.
 MAX_REPLY_LINE = 8192
@@ -41,10 +41,10 @@ MAX_REPLY_LINES = 200
 MAX_REPLY_BYTES = 64 * 1024
 #: Bytes asked of the socket per read.
 _RECV = 64 * 1024
-#: Most bytes of pipelined commands written and not yet answered. RFC 2920 §3.1:
-#: a client that blocks on writes must keep each group within the TCP window,
-#: "usually 4K octets", or both sides can end up blocked writing to each other.
-#: More is written whenever half of it has been answered.
+#: Most bytes of pipelined commands written and not yet answered (see _pipeline.py).
+#: RFC 2920 §3.1: a client that blocks on writes must keep each group within the
+#: TCP window, "usually 4K octets", or both sides can end up blocked writing to
+#: each other. More is written whenever half of it has been answered.
 PIPELINE_WINDOW = 4096
 
 
@@ -89,6 +89,11 @@ class _ReplyReader:
                 self._buffer.clear()
                 return line
             self._buffer += chunk
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes were received and not read yet."""
+        return bool(self._buffer)
 
     def close(self) -> None:
         self._buffer.clear()
@@ -243,44 +248,33 @@ class Client(smtplib.SMTP):
         self.putcmd(line)
         return self.reply()
 
-    def pipeline(self, lines: list[str]) -> None:
-        """Send several commands in one write (RFC 2920); read replies with reply()."""
-        for line in lines:
-            if "\r" in line or "\n" in line:
-                raise ValueError("command contains CR or LF")
-            self.record_command(line)
-        self.send("".join(f"{line}\r\n" for line in lines))
+    def send_raw(self, data: bytes | memoryview) -> None:
+        """Write bytes as they are, within the timeout cut to the deadline.
 
-    def send_content(self, payload: bytes, size: int) -> Reply | None:
-        """Write dot-stuffed message content; each block gets the socket's timeout.
-
-        Returns None when all was written, or the server's reply when it refused
-        the message and closed the connection before reading it all (a 5xx right
-        after 354 to a message too large): that verdict beats a "broken pipe".
+        Unlike smtplib's ``send`` a failed write is raised as it is (a broken pipe
+        may come with the server's reply, still to be read), not as "not connected".
         """
-        self.transcript.client(f"<message content, {size} bytes>")
-        assert self.sock is not None
-        view = memoryview(payload)
-        self.in_content = True
-        try:
-            for start in range(0, len(view), _BLOCK):
-                self._arm()
-                self.sock.sendall(view[start : start + _BLOCK])
-        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
-            self.in_content = False
-            try:
-                self.set_timeout(_EARLY_REPLY_WAIT)
-                early = self.reply()
-            except (OSError, smtplib.SMTPException):
-                raise exc from None
-            if early.ok:  # acceptance of a message that never ended is no verdict
-                raise smtplib.SMTPResponseException(
-                    early.code, b"reply before the end of data"
-                ) from exc
-            return early
-        self.in_content = False
-        self.transcript.client(".")
-        return None
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        self._arm()
+        self.sock.sendall(data)
+
+    def stale(self) -> bool:
+        """Whether the server said something, or closed, while we were not asking: a
+        held session it dropped while idle (a 421, then end of stream).
+
+        Checked before writing a pipelined group: written to a socket the server
+        already closed, it would be lost with no way to tell "never read" from
+        "read, then dropped".
+        """
+        if self.sock is None:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        if self.file is not None and self.file.buffered:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
 
     def set_timeout(self, seconds: float) -> None:
         """The timeout of each following reply as a whole, and of each write."""
@@ -329,44 +323,6 @@ class Client(smtplib.SMTP):
             "cert_issuer": _dn(cert.get("issuer", ())),
             "cert_not_after": cert.get("notAfter"),
         }
-
-
-class Pipeline:
-    """Pipelined commands, written ahead of their replies but never more than
-    PIPELINE_WINDOW bytes of them unanswered."""
-
-    def __init__(self, client: Client, commands: list[str]) -> None:
-        self._client = client
-        self._unsent = deque(commands)
-        self._sizes: deque[int] = deque()  # of the written, unanswered commands
-        self._in_flight = 0
-        self._written = 0
-
-    def answers(self, position: int) -> bool:
-        """Whether the command at ``position`` was or will be written (and answered)."""
-        return position < self._written + len(self._unsent)
-
-    def stop(self) -> None:
-        """Write no more commands; those written are still to be answered."""
-        self._unsent.clear()
-
-    def reply(self) -> Reply:
-        """The reply to the oldest unanswered command, after writing more commands
-        if at most half of the window is unanswered."""
-        if self._unsent and self._in_flight <= PIPELINE_WINDOW // 2:
-            batch = []
-            while self._unsent:
-                size = len(self._unsent[0].encode("utf-8")) + 2  # CRLF
-                if self._in_flight + size > PIPELINE_WINDOW and self._sizes:
-                    break
-                batch.append(self._unsent.popleft())
-                self._sizes.append(size)
-                self._in_flight += size
-            self._written += len(batch)
-            self._client.pipeline(batch)
-        reply = self._client.reply()
-        self._in_flight -= self._sizes.popleft()
-        return reply
 
 
 #: The usual short names of distinguished-name attributes.

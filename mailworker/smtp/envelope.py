@@ -1,46 +1,42 @@
-"""The mail transaction: MAIL, RCPT..., then the content (RFC 5321 §3.3).
+"""A message's delivery: MAIL, RCPT..., then the content (RFC 5321 §3.3), in one
+transaction or several.
 
-With PIPELINING (RFC 2920) MAIL, every RCPT and DATA leave together and the
-replies are read back in order: two round trips per message instead of three
-plus one per recipient. They are written in windows of unanswered commands no
-larger than the TCP window (RFC 2920 §3.1), for a client that writes thousands
-of RCPTs before reading would block on a server blocked writing their replies.
-Without PIPELINING, strict lock-step.
+With PIPELINING (RFC 2920) the commands leave together and the replies are read
+back in order (see :mod:`._pipeline` for the windows that keep this from
+deadlocking); with CHUNKING too (RFC 3030) the content goes with them as
+``BDAT <n> LAST``: one round trip per message, two with DATA. Without PIPELINING,
+strict lock-step. One transaction is in :mod:`._transaction`.
 
 A server may take fewer recipients per transaction than a message has: it
 answers 452 "too many recipients" and the rest go at once in further
 transactions on the same session, with the same content (RFC 5321 §4.5.3.1.10).
-
-The content transfer sits behind :class:`ContentTransfer` so that BDAT
-(CHUNKING, RFC 3030) can be added as a second implementation: it would send no
-initiation command and write the content as sized chunks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mailworker.errors import (
     InvalidMessageError,
     SMTPError,
     SMTPNotSupportedError,
     SMTPRecipientsRefused,
-    SMTPReplyError,
-    Stage,
 )
-from mailworker.smtp._client import Client, Pipeline
-from mailworker.smtp.body import is_8bit
+from mailworker.smtp._pipeline import Command, Pipeline
+from mailworker.smtp._transaction import (
+    Attempt,
+    RcptParams,
+    StageGuard,
+    attempt,
+    read,
+    reply_error,
+)
+from mailworker.smtp.body import Payload, is_8bit
 from mailworker.smtp.profile import Timeouts
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import RecipientResult, RecipientStatus
-
-#: Runs one step under the stage's timeout, mapping I/O failures to SMTPError.
-StageGuard = Callable[[Stage, float], AbstractContextManager[None]]
-#: The RCPT TO parameters for an address (DSN's ``NOTIFY=`` and ``ORCPT=``).
-RcptParams = Callable[[str], Sequence[str]]
+from mailworker.smtp.transcript import Transcript
 
 
 @dataclass(frozen=True)
@@ -71,17 +67,6 @@ class Outcome:
     replies: tuple[Reply, ...]
     size: int
     error: SMTPError | None = None
-
-
-@dataclass
-class _Attempt:
-    """One transaction for some of the recipients (indices into the envelope),
-    filled in as replies come, so what was answered is known if it fails midway."""
-
-    recipients: list[int]
-    rcpt: list[Reply] = field(default_factory=list)
-    #: The verdict on the content; None while nothing was delivered.
-    final: Reply | None = None
 
 
 def build_envelope(sender: str, recipients: Sequence[str], message: bytes) -> Envelope:
@@ -154,266 +139,171 @@ def mail_params(envelope: Envelope, features: dict[str, str]) -> list[str]:
     return params
 
 
-class ContentTransfer(Protocol):
-    """How the message content is handed over after the envelope."""
+class Delivery:
+    """One message on its way: the transactions it took so far and every recipient's
+    result, ready for the next transaction when the server's limit of recipients per
+    transaction (452) left some for later.
 
-    #: The command that opens the content transfer (``"DATA"``), or None.
-    initiation: str | None
-
-    def send(
-        self, client: Client, payload: bytes, size: int, guard: StageGuard, timeouts: Timeouts
-    ) -> Reply:
-        """Write the content and return the server's final reply."""
-
-
-class DataTransfer:
-    """DATA with dot-stuffed content (RFC 5321 §4.1.1.4)."""
-
-    initiation: str | None = "DATA"
-
-    def send(
-        self, client: Client, payload: bytes, size: int, guard: StageGuard, timeouts: Timeouts
-    ) -> Reply:
-        with guard("data", timeouts.data_block):
-            early = client.send_content(payload, size)
-        if early is not None:
-            return early
-        try:
-            with guard("data", timeouts.data_end):
-                return client.reply()
-        except SMTPError as exc:
-            # All of the message went out and no verdict came back: the server may
-            # well have accepted it, so sending it again at once risks a duplicate.
-            exc.in_doubt = exc.code is None
-            raise
-
-
-def exchange(
-    client: Client,
-    envelope: Envelope,
-    *,
-    params: Sequence[str],
-    payload: bytes,
-    timeouts: Timeouts,
-    guard: StageGuard,
-    transfer: ContentTransfer | None = None,
-    rcpt_params: RcptParams | None = None,
-) -> Outcome:
-    """Deliver the message on a connected, greeted session: one transaction, or as
-    many as the server's limit of recipients per transaction needs.
-
-    ``params`` go on MAIL FROM, ``rcpt_params(address)`` on each RCPT TO; the caller
-    has checked that the server offers the extensions they belong to.
-
-    Raises:
-        SMTPReplyError: the sender, DATA or the content was refused.
-        SMTPRecipientsRefused: no recipient was accepted.
-        SMTPError: any other failure, as long as nothing was delivered; after that
-            a failure is returned in ``Outcome.error``, never raised, for the
-            recipients delivered before must not be sent the message again.
+    Attributes:
+        open_transaction: the last transaction delivered nothing and is still open
+            on the server (MAIL accepted, no recipient): RSET before the next MAIL.
     """
-    if transfer is None:
-        transfer = DataTransfer()
-    addresses = envelope.recipients
-    results = [RecipientResult(a, "deferred", -1, "not sent") for a in addresses]
-    replies: list[Reply] = []
-    pending = list(range(len(addresses)))
-    limit: int | None = None  # recipients per transaction, once the server showed it
-    open_transaction = False
-    while pending:
-        attempt = _Attempt(pending if limit is None else pending[:limit])
-        try:
-            if open_transaction:
-                _reset(client, guard, timeouts)
-            _transaction(
-                client,
-                envelope,
-                attempt,
-                params=params,
-                payload=payload,
-                timeouts=timeouts,
-                guard=guard,
-                transfer=transfer,
-                rcpt_params=rcpt_params,
-            )
-        except SMTPError as exc:
-            if not replies:
-                raise
-            for k, index in enumerate(pending):
-                own = attempt.rcpt[k] if k < len(attempt.rcpt) else None
-                if own is None or own.ok or own.too_many_recipients:
-                    results[index] = _failed(addresses[index], exc, own)
-                else:  # refused on its own account
-                    results[index] = _recipient(addresses[index], own)
-            return Outcome(tuple(results), tuple(replies), envelope.size, error=exc)
-        if attempt.final is not None:
-            replies.append(attempt.final)
-        answered = attempt.rcpt
+
+    def __init__(
+        self,
+        envelope: Envelope,
+        payload: Payload,
+        *,
+        params: Sequence[str],
+        rcpt_params: RcptParams | None,
+        transcript: Transcript,
+    ) -> None:
+        self.envelope = envelope
+        self.payload = payload
+        self.transcript = transcript
+        self._mail = "MAIL FROM:<{}>{}".format(envelope.sender, "".join(f" {p}" for p in params))
+        self._rcpt_params = rcpt_params
+        addresses = envelope.recipients
+        self.results = [RecipientResult(a, "deferred", -1, "not sent") for a in addresses]
+        self.replies: list[Reply] = []
+        self.pending = list(range(len(addresses)))
+        self.limit: int | None = None  # recipients per transaction, once the server showed it
+        self.open_transaction = False
+        self.error: SMTPError | None = None
+        self._over = False
+
+    def next_attempt(self, *, chunking: bool, reset_first: bool = False) -> Attempt | None:
+        """The next transaction, or None when there is nothing left to try."""
+        if self._over or not self.pending:
+            return None
+        recipients = self.pending if self.limit is None else self.pending[: self.limit]
+        rcpts = []
+        for i in recipients:
+            address = self.envelope.recipients[i]
+            extra = self._rcpt_params(address) if self._rcpt_params is not None else ()
+            rcpts.append("RCPT TO:<{}>{}".format(address, "".join(f" {p}" for p in extra)))
+        return attempt(
+            self._mail,
+            rcpts,
+            list(recipients),
+            self.payload,
+            chunking=chunking,
+            reset_first=reset_first,
+            transcript=self.transcript,
+        )
+
+    def absorb(self, done: Attempt) -> None:
+        """Take in the replies of a transaction that was read to its end."""
+        if done.final is not None:
+            self.replies.append(done.final)
+        addresses = self.envelope.recipients
+        answered = done.rcpt
         first, full = next(
             ((k, r) for k, r in enumerate(answered) if r.too_many_recipients), (0, None)
         )
         settled = False
         left = []
-        for k, index in enumerate(attempt.recipients):
+        for k, index in enumerate(done.recipients):
             reply = answered[k] if k < len(answered) else full
             assert reply is not None  # only a full server leaves recipients unasked
-            results[index] = _recipient(addresses[index], reply)
+            self.results[index] = _recipient(addresses[index], reply)
             if reply.too_many_recipients:
                 left.append(index)
             else:
                 settled = True
         if full is not None:
-            limit = first if limit is None else min(limit, first)
-        pending = left + pending[len(attempt.recipients) :]
-        open_transaction = attempt.final is None
-        if not settled or limit == 0:
-            break  # no progress: the rest stay deferred, for a later retry
-    if not replies:
-        raise SMTPRecipientsRefused(
-            "server refused every recipient",
-            refused={o.recipient: (o.code, o.enhanced_code, o.reply) for o in results},
-        )
-    if open_transaction:  # the last one delivered nothing
-        try:
-            _reset(client, guard, timeouts)
-        except SMTPError as exc:
-            return Outcome(tuple(results), tuple(replies), envelope.size, error=exc)
-    return Outcome(tuple(results), tuple(replies), envelope.size)
+            self.limit = first if self.limit is None else min(self.limit, first)
+        self.pending = left + self.pending[len(done.recipients) :]
+        self.open_transaction = done.final is None
+        if not settled or self.limit == 0:
+            self._over = True  # no progress: the rest stay deferred, for a later retry
+
+    def fail(self, failed: Attempt, exc: SMTPError) -> None:
+        """Take in a transaction that failed with ``exc``.
+
+        Raises:
+            SMTPError: ``exc``, when no earlier transaction delivered the message;
+                after one did, the failure goes into the results instead, for the
+                recipients delivered before must not be sent the message again.
+        """
+        if not self.replies:
+            raise exc
+        addresses = self.envelope.recipients
+        for k, index in enumerate(self.pending):
+            own = failed.rcpt[k] if k < len(failed.rcpt) else None
+            if own is None or own.ok or own.too_many_recipients:
+                tried = k < len(failed.recipients)
+                self.results[index] = _failed(addresses[index], exc, own, tried=tried)
+            else:  # refused on its own account
+                self.results[index] = _recipient(addresses[index], own)
+        self.error = exc
+        self._over = True
+
+    def abort(self, exc: SMTPError) -> None:
+        """The session went away before the recipients still pending were tried."""
+        addresses = self.envelope.recipients
+        for index in self.pending:
+            self.results[index] = _failed(addresses[index], exc, None, tried=False)
+        self.error = exc
+        self._over = True
+
+    def outcome(self) -> Outcome:
+        """The verdict so far.
+
+        Raises:
+            SMTPRecipientsRefused: no transaction delivered the message.
+        """
+        if not self.replies:
+            raise SMTPRecipientsRefused(
+                "server refused every recipient",
+                refused={o.recipient: (o.code, o.enhanced_code, o.reply) for o in self.results},
+            )
+        return Outcome(tuple(self.results), tuple(self.replies), self.envelope.size, self.error)
 
 
-def _reset(client: Client, guard: StageGuard, timeouts: Timeouts) -> None:
-    """RSET a transaction that delivered nothing, before the next one."""
-    with guard("reset", timeouts.command):
-        reply = client.command("RSET")
-    if reply.code != 250:
-        raise _reply_error("server refused RSET", "reset", reply)
-
-
-def _transaction(
-    client: Client,
-    envelope: Envelope,
-    attempt: _Attempt,
+def finish(
+    pipe: Pipeline,
+    delivery: Delivery,
     *,
-    params: Sequence[str],
-    payload: bytes,
-    timeouts: Timeouts,
+    chunking: bool,
     guard: StageGuard,
-    transfer: ContentTransfer,
-    rcpt_params: RcptParams | None = None,
-) -> None:
-    """MAIL, RCPT for the attempt's recipients and, if any was accepted, the content.
+    timeouts: Timeouts,
+) -> Outcome:
+    """Run the delivery's remaining transactions one after the other on a session
+    with nothing else in flight, and give its outcome.
 
-    Returns with ``attempt.final`` None when no recipient was accepted (the
-    transaction is then still open).
+    Raises:
+        SMTPReplyError: the sender or the content was refused.
+        SMTPRecipientsRefused: no recipient was accepted.
+        SMTPError: any other failure, as long as nothing was delivered; after that
+            a failure is returned in ``Outcome.error``, never raised.
     """
-    mail = "MAIL FROM:<{}>{}".format(envelope.sender, "".join(f" {p}" for p in params))
-    rcpts = []
-    for i in attempt.recipients:
-        address = envelope.recipients[i]
-        extra = rcpt_params(address) if rcpt_params is not None else ()
-        rcpts.append("RCPT TO:<{}>{}".format(address, "".join(f" {p}" for p in extra)))
-    send = _pipelined if client.has_extn("pipelining") else _lock_step
-    mail_reply, data_reply = send(
-        client,
-        mail,
-        rcpts,
-        initiation=transfer.initiation,
-        answered=attempt.rcpt,
-        guard=guard,
-        timeouts=timeouts,
-    )
-    if not mail_reply.ok:
-        raise _reply_error("server refused the sender", "mail", mail_reply)
-    if not _accepted(attempt.rcpt):
-        return
-    if data_reply is not None and data_reply.code != 354:
-        raise _reply_error("server refused DATA", "data", data_reply)
-    final = transfer.send(client, payload, envelope.size, guard, timeouts)
-    if not final.ok:
-        raise _reply_error("server refused the message", "data", final)
-    attempt.final = final
-
-
-def _pipelined(
-    client: Client,
-    mail: str,
-    rcpts: list[str],
-    *,
-    initiation: str | None,
-    answered: list[Reply],
-    guard: StageGuard,
-    timeouts: Timeouts,
-) -> tuple[Reply, Reply | None]:
-    """The envelope with PIPELINING: replies are read while commands are written,
-    and no more RCPTs go once the sender is refused or the server is full."""
-    pipe = Pipeline(client, [mail, *rcpts, *([initiation] if initiation else [])])
-    with guard("mail", timeouts.mail):
-        mail_reply = _unless_closing(pipe.reply(), "mail")
-    if not mail_reply.ok:
-        pipe.stop()
-    for position in range(1, len(rcpts) + 1):
-        if not pipe.answers(position):
+    while (step := delivery.next_attempt(chunking=chunking)) is not None:
+        try:
+            if delivery.open_transaction:
+                reset(pipe, delivery.transcript, guard, timeouts)
+            pipe.add(step.commands())
+            read(step, pipe, guard, timeouts)
+        except SMTPError as exc:
+            delivery.fail(step, exc)
             break
-        with guard("rcpt", timeouts.rcpt):
-            reply = _unless_closing(pipe.reply(), "rcpt")
-        answered.append(reply)
-        if reply.too_many_recipients:
-            pipe.stop()
-    data_reply = None
-    if initiation is not None:
-        if pipe.answers(len(rcpts) + 1):
-            with guard("data", timeouts.data_init):
-                data_reply = pipe.reply()
-        elif mail_reply.ok and _accepted(answered):
-            # DATA was held back with the RCPTs after a 452: send it now, alone.
-            with guard("data", timeouts.data_init):
-                data_reply = client.command(initiation)
-    nothing_to_deliver = not mail_reply.ok or not _accepted(answered)
-    if nothing_to_deliver and data_reply is not None and data_reply.code == 354:
-        # The server opened DATA although nothing can be delivered: close it
-        # with an empty body (RFC 2920 §3.1) and let RSET discard it.
-        with guard("data", timeouts.data_end):
-            client.pipeline(["."])
-            client.reply()
-    return mail_reply, data_reply
+        delivery.absorb(step)
+    if delivery.open_transaction and delivery.replies and delivery.error is None:
+        try:  # the last one delivered nothing
+            reset(pipe, delivery.transcript, guard, timeouts)
+        except SMTPError as exc:
+            delivery.error = exc
+    return delivery.outcome()
 
 
-def _lock_step(
-    client: Client,
-    mail: str,
-    rcpts: list[str],
-    *,
-    initiation: str | None,
-    answered: list[Reply],
-    guard: StageGuard,
-    timeouts: Timeouts,
-) -> tuple[Reply, Reply | None]:
-    """The envelope one command at a time; no more RCPTs once the server is full."""
-    with guard("mail", timeouts.mail):
-        mail_reply = _unless_closing(client.command(mail), "mail")
-    if mail_reply.ok:
-        for line in rcpts:
-            with guard("rcpt", timeouts.rcpt):
-                reply = _unless_closing(client.command(line), "rcpt")
-            answered.append(reply)
-            if reply.too_many_recipients:
-                break
-    data_reply = None
-    if mail_reply.ok and _accepted(answered) and initiation:
-        with guard("data", timeouts.data_init):
-            data_reply = client.command(initiation)
-    return mail_reply, data_reply
-
-
-def _unless_closing(reply: Reply, stage: Stage) -> Reply:
-    # 421: the server is shutting this session down; nothing more will be answered.
-    if reply.code == 421:
-        raise _reply_error("server is closing the session", stage, reply)
-    return reply
-
-
-def _accepted(replies: Sequence[Reply]) -> bool:
-    return any(r.ok for r in replies)
+def reset(pipe: Pipeline, transcript: Transcript, guard: StageGuard, timeouts: Timeouts) -> None:
+    """RSET a transaction that delivered nothing, before the next one (lock-step)."""
+    command = Command("RSET", transcript=transcript)
+    pipe.add([command])
+    with guard("reset", timeouts.command):
+        reply = pipe.reply(command)
+    if reply.code != 250:
+        raise reply_error("server refused RSET", "reset", reply)
 
 
 def _recipient(address: str, reply: Reply) -> RecipientResult:
@@ -427,7 +317,7 @@ def _recipient(address: str, reply: Reply) -> RecipientResult:
     return RecipientResult(address, status, reply.code, reply.text, reply.enhanced_code)
 
 
-def _failed(address: str, exc: SMTPError, own: Reply | None) -> RecipientResult:
+def _failed(address: str, exc: SMTPError, own: Reply | None, *, tried: bool) -> RecipientResult:
     """The result of a recipient whose (later) transaction failed with ``exc``."""
     return RecipientResult(
         address,
@@ -435,16 +325,8 @@ def _failed(address: str, exc: SMTPError, own: Reply | None) -> RecipientResult:
         exc.code if exc.code is not None else -1,
         exc.reply or exc.message,
         exc.enhanced_code,
-        # Content that went out without a verdict may have been delivered.
-        in_doubt=exc.in_doubt and own is not None and own.ok,
-    )
-
-
-def _reply_error(message: str, stage: Stage, reply: Reply) -> SMTPReplyError:
-    return SMTPReplyError(
-        message,
-        stage=stage,
-        code=reply.code,
-        enhanced_code=reply.enhanced_code,
-        reply=reply.text,
+        # Content that went out without a verdict may have been delivered to every
+        # recipient of the transaction not known to be refused (with BDAT the chunk
+        # can go before the RCPT replies are read).
+        in_doubt=exc.in_doubt and tried and (own is None or own.ok),
     )

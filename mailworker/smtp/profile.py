@@ -23,18 +23,36 @@ right one.
 
 Profile names are case-insensitive: they are lower-cased once
 (:func:`normalize_profile_name`), so ``Bulk`` and ``bulk`` are one profile, one session.
+
+Provider limits (:class:`FleetLimits`, ``Profile.fleet``) hold for the whole fleet, not one
+process; the worker enforces them through Redis (:mod:`mailworker.store.limits`):
+
+==================================  ===============================================
+``rate=10/s`` (``/m``, ``/h``)      messages per second, minute or hour; ``0.5/s`` too
+``max_connections=4``               SMTP sessions open at once
+``fallback=backup[,other]``         profiles to send through while the breaker is open
+``breaker_failures=5``              consecutive failures that open the breaker...
+``breaker_window=60``               ...when all fall within this many seconds
+``breaker_reset=30``                seconds open before one probe message may go
+``throttle_backoff=2``              seconds nobody connects after a 421 / 4.7.x reply,
+``throttle_backoff_max=60``         doubling per consecutive one up to this
+==================================  ===============================================
+
+The last five show their defaults; without the first three there is no limit and no
+fallback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from mailworker.errors import ConfigError
 from mailworker.smtp import _oauth_options, oauth
@@ -61,6 +79,10 @@ _HOST = re.compile(r"^[A-Za-z0-9._:-]+$")
 _DKIM_NAME = re.compile(
     r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
 )
+#: A rate option: a positive count per second, minute or hour.
+_RATE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)/([smh])", re.IGNORECASE)
+#: Rate unit -> seconds.
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,129 @@ class Timeouts:
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"timeouts.{f.name}: must be a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` messages per ``per`` seconds, e.g. ``Rate.parse("10/s", "option rate")``."""
+
+    count: float
+    per: float
+
+    def __post_init__(self) -> None:
+        for name in ("count", "per"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"rate: {name} must be a positive number, not {value!r}")
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Rate:
+        """Read ``<n>/s``, ``<n>/m`` or ``<n>/h`` (``n`` positive, fractions allowed).
+
+        Args:
+            text: the rate as written, e.g. ``10/s``, ``0.5/s``, ``600/m``.
+            where: what gave it, named in the error (e.g. ``"option rate"``).
+
+        Raises:
+            ConfigError: ``text`` is not such a rate; names ``where`` and the forms.
+        """
+        match = _RATE.fullmatch(text.strip())
+        count = float(match[1]) if match else 0.0
+        if match is None or not 0 < count < math.inf:
+            raise ConfigError(
+                f"{where}: {text!r} is not a rate; write <n>/s, <n>/m or <n>/h with n a "
+                "positive number, e.g. 10/s, 0.5/s or 600/m"
+            )
+        return cls(count, _RATE_UNITS[match[2].lower()])
+
+    @property
+    def per_second(self) -> float:
+        """Messages per second."""
+        return self.count / self.per
+
+    def __str__(self) -> str:
+        for unit, seconds in _RATE_UNITS.items():
+            if self.per == seconds:
+                return f"{_number(self.count)}/{unit}"
+        return f"{_number(self.per_second)}/s"
+
+
+@dataclass(frozen=True)
+class FleetLimits:
+    """A provider's limits for one profile, held by the whole fleet through Redis.
+
+    Attributes:
+        rate: messages per time across every worker (token bucket); None: no limit.
+        max_connections: SMTP sessions open at once across the fleet (leases); None: no
+            limit.
+        fallback: profiles to send through, in order, while this one's breaker is open.
+        breaker_failures: consecutive connection-level or transient failures, all within
+            ``breaker_window`` seconds, that open the circuit breaker.
+        breaker_window: see ``breaker_failures``.
+        breaker_reset: seconds after opening (or a failed probe) before one probe
+            message may test the server again.
+        throttle_backoff: seconds nobody in the fleet connects after a throttling reply
+            (421, 4.7.x); doubles per consecutive throttle up to ``throttle_backoff_max``.
+        throttle_backoff_max: see ``throttle_backoff``.
+    """
+
+    rate: Rate | None = None
+    max_connections: int | None = None
+    fallback: tuple[str, ...] = ()
+    breaker_failures: int = 5
+    breaker_window: float = 60.0
+    breaker_reset: float = 30.0
+    throttle_backoff: float = 2.0
+    throttle_backoff_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        names = tuple(normalize_profile_name(n) for n in self.fallback)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"fallback lists {', '.join(twice)} twice; list each profile once")
+        object.__setattr__(self, "fallback", names)
+        for option in ("max_connections", "breaker_failures"):
+            value = getattr(self, option)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{option} must be a whole number, not {value!r}")
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} must be at least 1")
+        for option in ("breaker_window", "breaker_reset", "throttle_backoff"):
+            _check_seconds(option, getattr(self, option))
+        _check_seconds("throttle_backoff_max", self.throttle_backoff_max)
+        if self.throttle_backoff_max < self.throttle_backoff:
+            raise ConfigError(
+                f"throttle_backoff_max ({self.throttle_backoff_max:g} s) is below "
+                f"throttle_backoff ({self.throttle_backoff:g} s); raise throttle_backoff_max "
+                f"to at least {self.throttle_backoff:g}"
+            )
+
+    def options(self) -> list[tuple[str, str]]:
+        """The URL options that give these limits (those that differ from the default)."""
+        default = FleetLimits()
+        out: list[tuple[str, str]] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(default, f.name):
+                continue
+            if isinstance(value, tuple):
+                out.append((f.name, ",".join(value)))
+            elif isinstance(value, float):
+                out.append((f.name, _number(value)))
+            else:
+                out.append((f.name, str(value)))
+        return out
+
+
+def _check_seconds(option: str, value: object) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{option} must be a positive number of seconds, not {value!r}")
+
+
+def _number(value: float) -> str:
+    """``value`` as short text that reads back as the same number: ``10``, ``0.5``."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 #: Returns a current OAuth2 bearer token: ``get_token(*, refresh: bool) -> str``, called
@@ -136,6 +281,8 @@ class Profile:
     dkim_domain: str | None = None
     dkim_selector: str | None = None
     dkim_key_file: str | None = None
+    #: Limits held by the whole fleet (rate, connections, breaker, fallbacks).
+    fleet: FleetLimits = field(default_factory=FleetLimits)
     name: str = "default"
 
     def __post_init__(self) -> None:
@@ -183,6 +330,11 @@ class Profile:
                 "for a trusted local relay"
             )
         self._check_dkim(where)
+        if normalize_profile_name(self.name) in self.fleet.fallback:
+            raise ConfigError(
+                f"{where}: fallback names the profile itself; list other profiles "
+                "(MAILWORKER_SMTP_URL_<NAME>) to send through while it is down"
+            )
 
     def _check_dkim(self, where: str) -> None:
         names = {"dkim_domain": self.dkim_domain, "dkim_selector": self.dkim_selector}
@@ -207,10 +359,45 @@ class Profile:
         return self.security != "none"
 
     def redacted_url(self) -> str:
-        """The profile as a URL with the password replaced, for logs and errors."""
+        """The profile as a URL with the password replaced, for logs and errors.
+
+        Options that differ from their defaults are kept, so the URL (given the
+        password) reads back as this profile; the ``oauth*`` options are not (they
+        built a token provider, which cannot be written back).
+        """
         scheme = {"tls": "smtps", "starttls": "smtp+starttls", "none": "smtp"}[self.security]
-        user = f"{self.username}:****@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
+        user = f"{quote(self.username, safe='')}:****@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        query = urlencode(self._options(), safe="/,:", quote_via=quote)
+        return f"{scheme}://{user}{host}:{self.port}" + (f"?{query}" if query else "")
+
+    def _options(self) -> list[tuple[str, str]]:
+        """The URL options that differ from the defaults (``oauth*`` left out)."""
+        default = Profile(host="localhost", port=25)
+        out: list[tuple[str, str]] = []
+        plain = ("verify", "allow_insecure_auth", "max_messages", "noop_after")
+        for option in plain:
+            value = getattr(self, option)
+            if value != getattr(default, option):
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                out.append((option, _number(value) if isinstance(value, float) else text))
+        if self.auth != AUTH_MECHANISMS:
+            out.append(("auth", ",".join(self.auth)))
+        stages = {getattr(self.timeouts, f.name) for f in dataclasses.fields(Timeouts)}
+        if self.timeouts != Timeouts() and len(stages) == 1:
+            out.append(("timeout", _number(stages.pop())))
+        for option in (
+            "ca_file",
+            "client_cert",
+            "client_key",
+            "local_hostname",
+            "dkim_domain",
+            "dkim_selector",
+            "dkim_key_file",
+        ):
+            if getattr(self, option) is not None:
+                out.append((option, str(getattr(self, option))))
+        return out + self.fleet.options()
 
     @classmethod
     def from_url(
@@ -270,6 +457,12 @@ class Profile:
         timeout = kwargs.pop("timeout", None)
         if timeout is not None:
             kwargs["timeouts"] = Timeouts.uniform(float(timeout))  # type: ignore[arg-type]
+        fleet = {k: kwargs.pop(k) for k in _FLEET_OPTIONS if k in kwargs}
+        if fleet:
+            try:
+                kwargs["fleet"] = FleetLimits(**fleet)  # type: ignore[arg-type]
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         oauth_options = {k: str(kwargs.pop(k)) for k in _oauth_options.OPTIONS if k in kwargs}
         if oauth_options:
             if oauth_token_provider is not None:
@@ -436,6 +629,52 @@ def _parse_auth(key: str, value: str) -> tuple[str, ...]:
             f"option {key}={value!r}: choose an ordered list from {','.join(AUTH_MECHANISMS)}"
         )
     return mechs
+
+
+# The fleet limits' options; from_url puts them together in a FleetLimits.
+_FLEET_OPTIONS = tuple(f.name for f in dataclasses.fields(FleetLimits))
+
+
+@_option("rate")
+def _parse_rate(key: str, value: str) -> Rate:
+    return Rate.parse(value, f"option {key}")
+
+
+@_option("fallback")
+def _parse_fallback(key: str, value: str) -> tuple[str, ...]:
+    names = [n.strip() for n in value.split(",")]
+    if not all(names):
+        raise ConfigError(
+            f"option {key}={value!r}: give profile names separated by commas, e.g. "
+            "fallback=backup or fallback=backup,relay"
+        )
+    return tuple(normalize_profile_name(n) for n in names)
+
+
+def _parse_whole(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"option {key}={value!r}: expected a whole number, e.g. 5") from None
+    if number < 1:
+        raise ConfigError(f"option {key}={value!r}: must be at least 1")
+    return number
+
+
+def _parse_seconds(key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"option {key}={value!r}: expected a positive number of seconds")
+    return number
+
+
+for _name in ("max_connections", "breaker_failures"):
+    _option(_name)(_parse_whole)
+for _name in ("breaker_window", "breaker_reset", "throttle_backoff", "throttle_backoff_max"):
+    _option(_name)(_parse_seconds)
 
 
 # The oauth* options describe a token provider together; from_url builds it.

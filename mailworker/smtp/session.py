@@ -24,11 +24,11 @@ from mailworker.errors import (
     Stage,
 )
 from mailworker.smtp import auth, oauth
+from mailworker.smtp._batch import Batch, Item, checked_dsn, prepare
 from mailworker.smtp._client import Client
 from mailworker.smtp._setup import SessionInfo, classify, ehlo_name, tls_context
-from mailworker.smtp.body import dot_stuff, normalise_line_endings
-from mailworker.smtp.dsn import DSN, DSNStatus
-from mailworker.smtp.envelope import Envelope, build_envelope, exchange, mail_params
+from mailworker.smtp.dsn import DSN
+from mailworker.smtp.envelope import build_envelope, mail_params
 from mailworker.smtp.profile import Profile
 from mailworker.smtp.reply import Reply
 from mailworker.smtp.result import SendResult
@@ -64,6 +64,9 @@ class SMTPSession:
         self._sent = 0
         self._last_used = 0.0
         self._deadline: float | None = None
+        #: Use CHUNKING when offered; off for good once a server offered it and then
+        #: did not recognise BDAT.
+        self._chunking = True
 
     def __repr__(self) -> str:
         state = "open" if self.connected else "closed"
@@ -253,8 +256,10 @@ class SMTPSession:
         Args:
             envelope_from: the MAIL FROM address (``""`` for the null sender).
             recipients: RCPT TO addresses.
-            message: the RFC 5322 message; line endings are normalised to CRLF and
-                leading dots stuffed, so nothing in it can end the data early.
+            message: the RFC 5322 message; line endings are normalised to CRLF and,
+                with DATA, leading dots stuffed, so nothing in it can end the data
+                early (with CHUNKING it goes as a counted BDAT chunk, one round trip
+                with PIPELINING).
             deadline: a ``time.monotonic()`` time by which the send must be over,
                 connecting included; every stage's timeout (which bounds a whole
                 reply, however slowly it comes) is cut to fit it.
@@ -274,78 +279,66 @@ class SMTPSession:
             SMTPRecipientsRefused: no recipient was accepted.
             SMTPError: any other failure, with ``stage`` and ``is_transient``.
         """
-        if not isinstance(message, (bytes, bytearray)):
-            raise InvalidMessageError("message", "must be bytes")
-        if dsn is not None and not isinstance(dsn, DSN):
-            raise InvalidMessageError("dsn", "must be a mailworker.smtp.DSN")
-        message = normalise_line_endings(bytes(message))
-        envelope = build_envelope(envelope_from, recipients, message)
-        payload = dot_stuff(message, normalised=True)
+        item = prepare(0, envelope_from, recipients, message, prefix="")
+        [result] = self._batch([item], deadline, checked_dsn(dsn))
+        if isinstance(result, SMTPError):
+            raise result
+        return result
+
+    def send_many(
+        self,
+        items: Sequence[tuple[str, Sequence[str], bytes]],
+        *,
+        deadline: float | None = None,
+        dsn: DSN | None = None,
+    ) -> list[SendResult | SMTPError]:
+        """Send several messages, their transactions pipelined into each other.
+
+        With CHUNKING and PIPELINING the next message's commands and content are
+        written before the replies to the previous ones are read, within bounded
+        windows; with DATA the next message follows the previous one's end of data.
+        Each message is treated exactly as :meth:`send` treats it.
+
+        Args:
+            items: ``(envelope_from, recipients, message)`` for each message, as
+                :meth:`send` takes them.
+            deadline: a ``time.monotonic()`` time by which the whole batch must be
+                over; messages not sent by then get an ``SMTPTimeoutError``.
+            dsn: delivery status notifications to ask for, for every message.
+
+        Returns:
+            One entry per item, in order: the :class:`SendResult` ``send`` would have
+            returned, or the :class:`SMTPError` it would have raised. A message whose
+            content went out without a verdict (connection lost) has an error with
+            ``in_doubt`` set; messages that never went out (the connection was lost
+            before and could not be opened again) have a transient error.
+
+        Raises:
+            InvalidMessageError: an item is malformed (the field names its index, as
+                ``items[3].message``); nothing was sent.
+        """
+        if not isinstance(items, (list, tuple)):
+            raise InvalidMessageError("items", "must be a list of (from, recipients, message)")
+        prepared = []
+        for index, entry in enumerate(items):
+            if not isinstance(entry, tuple) or len(entry) != 3:
+                raise InvalidMessageError(
+                    f"items[{index}]", "must be a tuple (envelope_from, recipients, message)"
+                )
+            sender, recipients, message = entry
+            prepared.append(prepare(index, sender, recipients, message, prefix=f"items[{index}]."))
+        return self._batch(prepared, deadline, checked_dsn(dsn))
+
+    def _batch(
+        self, items: list[Item], deadline: float | None, dsn: DSN | None
+    ) -> list[SendResult | SMTPError]:
         self._deadline = deadline
         try:
-            # A session that has sent nothing yet was just opened (here or by connect()).
-            fresh = self._ensure_ready() or self._sent == 0
-            try:
-                return self._transaction(envelope, payload, dsn)
-            except (SMTPServerDisconnected, SMTPReplyError) as exc:
-                # A held session the server closed while idle shows up at the first
-                # command; nothing was accepted yet, so one more try is safe.
-                closed = isinstance(exc, SMTPServerDisconnected) or exc.code == 421
-                if fresh or exc.stage != "mail" or not closed:
-                    raise
-                log.info("smtp.reconnect", profile=self.profile.name, reason=str(exc))
-                self._drop(send_quit=False)
-                self.connect()
-                return self._transaction(envelope, payload, dsn)
+            return Batch(self, items, dsn).run()
         finally:
             self._deadline = None
             if self._client is not None:
                 self._client.deadline = None
-
-    def _transaction(self, envelope: Envelope, payload: bytes, dsn: DSN | None) -> SendResult:
-        client = self._require()
-        params = mail_params(envelope, client.esmtp_features)
-        # DSN parameters only where offered: a server without DSN refuses them (555).
-        status: DSNStatus | None = None
-        if dsn is not None:
-            status = "requested" if client.has_extn("dsn") else "not_offered"
-        use = dsn if status == "requested" else None
-        if use is not None:
-            params += use.mail_params()
-        transcript = Transcript()
-        client.transcript = transcript
-        client.command_encoding = "utf-8" if envelope.utf8 else "ascii"
-        try:
-            outcome = exchange(
-                client,
-                envelope,
-                params=params,
-                payload=payload,
-                timeouts=self.profile.timeouts,
-                guard=self._stage,
-                rcpt_params=use.rcpt_params if use is not None else None,
-            )
-            if outcome.error is not None:
-                # A later transaction (after a 452 "too many recipients") failed; the
-                # recipients of the earlier ones have the message: it is not raised.
-                self._after_failure(outcome.error)
-        except SMTPError as exc:
-            self._after_failure(exc)
-            exc.transcript = transcript.as_strings()  # with the RSET that followed
-            raise
-        finally:
-            client.transcript = self.transcript
-            client.command_encoding = "ascii"
-        self._sent += len(outcome.replies)
-        self._last_used = time.monotonic()
-        return SendResult(
-            recipients=outcome.recipients,
-            reply=outcome.replies[0],
-            size=outcome.size,
-            transcript=tuple(transcript.lines),
-            replies=outcome.replies,
-            dsn=status,
-        )
 
     def _after_failure(self, exc: SMTPError) -> None:
         """End a failed transaction: RSET, or drop a session the server is closing."""
@@ -357,6 +350,13 @@ class SMTPSession:
     def _ensure_ready(self) -> bool:
         """Connect or check the held session; True if a new session was opened."""
         if not self.connected:
+            self.connect()
+            return True
+        if self._require().stale():
+            # Closed by the server while idle (maybe with a 421 first): found before
+            # a pipelined group is written into a connection that is gone.
+            log.info("smtp.reconnect", profile=self.profile.name, reason="closed while idle")
+            self._drop(send_quit=False)
             self.connect()
             return True
         if self._sent >= self.profile.max_messages:

@@ -61,7 +61,9 @@ class DeadLetter:
         attempts: how many attempts were made.
         first_attempt_at: unix time of the first attempt.
         last_attempt_at: unix time of the last attempt.
-        profile: the SMTP profile it was sent with.
+        profile: the SMTP profile that refused it (or was last tried).
+        requested_profile: the profile the message asked for, when a fallback was
+            used instead; None otherwise.
         task_id: the Celery task id of the last attempt, if known.
         recipients: the recipients it failed for.
         subject: the message's subject, if known.
@@ -94,6 +96,7 @@ class DeadLetter:
     payload_bytes: int = 0
     payload_dropped: str | None = None
     payload_complete: bool = True
+    requested_profile: str | None = None
 
     def to_json(self) -> str:
         """The record as one JSON object."""
@@ -140,6 +143,7 @@ class DeadLetter:
             "subject": self.subject,
             "attempts": self.attempts,
             "profile": self.profile,
+            "requested_profile": self.requested_profile,
             "task_id": self.task_id,
             "first_attempt_at": self.first_attempt_at,
             "last_attempt_at": self.last_attempt_at,

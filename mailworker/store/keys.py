@@ -23,7 +23,20 @@ key                            type    holds
 ``{p}dlq:payload_index``       zset    dead-letter id -> time added, for the ids in
                                        ``dlq:payload`` (eviction order)
 ``{p}dlq:bytes``               string  bytes held by ``dlq:record`` + ``dlq:payload``
+``{p}rate:<profile>``          hash    token bucket of the profile's ``rate``: ``tokens``
+                                       left at ``ts`` (Redis time); expires once it would
+                                       be full again
+``{p}leases:<profile>``        zset    holder -> lease expiry (Redis time): the SMTP
+                                       sessions open now (``max_connections``)
+``{p}throttle:<profile>``      hash    fleet-wide back-off after a throttling reply:
+                                       ``until`` (Redis time), ``backoff`` (its length)
+``{p}breaker:<profile>``       hash    circuit breaker: ``state``, ``failures``,
+                                       ``recent`` (failure times in the window),
+                                       ``opened_at``, ``retry_at``
 =============================  ======  =================================================
+
+The four ``<profile>`` keys are described in full in :mod:`mailworker.store.limits`; each
+is one key per profile (one hash slot), and every change to one is one Lua script.
 
 The dead-letter store is pruned oldest first to ``MAILWORKER_DLQ_MAX`` records,
 ``MAILWORKER_DLQ_TTL`` seconds (as dramatiq's dead-letter sorted set + hash) and
@@ -84,3 +97,23 @@ def dlq_payload_index(prefix: str = PREFIX) -> str:
 def dlq_bytes(prefix: str = PREFIX) -> str:
     """Bytes the dead-letter records and payloads take, kept up to date by the store."""
     return f"{prefix}dlq:bytes"
+
+
+def rate(profile: str, prefix: str = PREFIX) -> str:
+    """Token bucket of a profile's fleet-wide message rate."""
+    return f"{prefix}rate:{profile}"
+
+
+def leases(profile: str, prefix: str = PREFIX) -> str:
+    """Sorted set of a profile's connection leases by expiry."""
+    return f"{prefix}leases:{profile}"
+
+
+def throttle(profile: str, prefix: str = PREFIX) -> str:
+    """A profile's fleet-wide back-off after a throttling reply."""
+    return f"{prefix}throttle:{profile}"
+
+
+def breaker(profile: str, prefix: str = PREFIX) -> str:
+    """A profile's circuit breaker."""
+    return f"{prefix}breaker:{profile}"

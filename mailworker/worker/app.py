@@ -18,6 +18,8 @@ from celery import Celery
 
 from mailworker.queue.names import TASK_NAMES
 from mailworker.queue.producer import JSON_ONLY, fail_fast, sentinel_options, verified_url
+from mailworker.worker import metrics
+from mailworker.worker._timers import TimerCompaction
 from mailworker.worker.settings import Settings
 
 #: The settings each configured app's tasks deliver with (kept off ``app.conf``: they
@@ -113,6 +115,8 @@ def configure(app: Celery, settings: Settings | None = None, *, broker: bool = T
         updates["result_backend"] = verified_url(settings.result_backend)
     app.conf.update(updates)
     _apply_limits(app, settings)
+    app.steps["worker"].add(TimerCompaction)
+    metrics.install(app, settings)
     with _lock:
         _settings[app] = settings
         _publishing[:] = [app]
@@ -161,12 +165,15 @@ def ensure_limits(app: Celery) -> None:
         _apply_limits(app, env_settings())
 
 
-def _limits(settings: Settings) -> dict[str, float]:
+def _limits(settings: Settings) -> dict[str, Any]:
     # The soft limit interrupts a send in time for it to be rescheduled; the hard one
     # (below half the visibility timeout, Settings checks) kills a stuck task.
     return {
         "time_limit": settings.task_time_limit,
         "soft_time_limit": settings.task_time_limit * 0.9,
+        # Opt-in: a result nobody reads costs a SUBSCRIBE per .delay() and a store
+        # per task.
+        "ignore_result": not settings.store_results,
     }
 
 
@@ -180,3 +187,4 @@ def _apply_limits(app: Celery, settings: Settings) -> None:
         if task is not None:
             task.time_limit = limits["time_limit"]
             task.soft_time_limit = limits["soft_time_limit"]
+            task.ignore_result = limits["ignore_result"]

@@ -34,9 +34,10 @@ from mailworker.errors import (
 )
 from mailworker.smtp import SendResult
 from mailworker.store.deadletter import DeadLetter, DeadLetterReason, DeadLetterStore
-from mailworker.store.ledger import Ledger
+from mailworker.store.ledger import Begun, Ledger
 from mailworker.store.schedule import RetrySchedule
-from mailworker.worker import outcome
+from mailworker.worker import metrics, outcome
+from mailworker.worker.fleet import Fleet, WaitFor
 from mailworker.worker.outcome import Meta, SentResult, TaskResult, check_key, check_meta
 from mailworker.worker.prepare import Prepared, prepare, profile_of
 from mailworker.worker.retry import RetryPolicy
@@ -66,6 +67,7 @@ class Delivery:
         self.schedule = RetrySchedule(redis_client)
         self.dlq = DeadLetterStore(redis_client, **settings.dlq_limits)
         self.policy = RetryPolicy.from_settings(settings)
+        self.fleet = Fleet(redis_client, pool.profile)
         self._clock = clock
 
     def run(
@@ -96,6 +98,22 @@ class Delivery:
             redis.RedisError: Redis failed before the message was accepted (the
                 caller hands the task message back to the broker).
         """
+        attempt = self.attempt(
+            task, task_id, kwargs, queue=queue, exchange=exchange, time_limit=time_limit
+        )
+        return attempt.run()
+
+    def attempt(
+        self,
+        task: str,
+        task_id: str,
+        kwargs: dict[str, Any],
+        *,
+        queue: str | None = None,
+        exchange: str | None = None,
+        time_limit: float | None = None,
+    ) -> _Attempt:
+        """The state of one run of one message (see :meth:`run`), not started yet."""
         started = self._clock()
         try:
             meta = _meta(kwargs, task_id, started, queue=queue, exchange=exchange)
@@ -105,55 +123,16 @@ class Delivery:
             # key is the message's fault, dead-lettered with a fresh state of its own.
             meta = _meta({}, task_id, started, queue=queue, exchange=exchange)
             malformed = exc
-        key = meta["key"]
-        limit = time_limit or self.settings.task_time_limit
-        attempt = _Attempt(
+        return _Attempt(
             self,
             task=task,
             task_id=task_id,
             kwargs=kwargs,
             meta=meta,
             started=started,
-            time_limit=limit,
+            time_limit=time_limit or self.settings.task_time_limit,
+            malformed=malformed,
         )
-        if malformed is not None:
-            attempt.give_up("invalid", _invalid(malformed))
-        origin = meta["origin"]
-        done = _sent_record(self.ledger, key)
-        if done is not None and _follow_up_done(done):
-            # Before the poison guard: a sent message is never poison.
-            return attempt.already_sent(done)
-        too_old = float(meta["first_attempt_at"]) + self.settings.max_age
-        if started > too_old + limit:
-            # Whatever kept it going (redeliveries, lock deferrals), it is too old now
-            # (the last scheduled retry runs at the maximum age, maybe a little late).
-            attempt.give_up("exhausted", {"type": "MaxAge", "message": "past the maximum age"})
-        # Starts are counted per message (its first task id), not per task message: a
-        # run killed by the hard time limit comes back as a lock deferral with
-        # another task id, and must still count.
-        starts = self.ledger.count_start(origin, ttl=self.settings.max_age + 86400)
-        if starts > 1 + self.settings.max_redeliveries:
-            error = {"type": "Poison", "message": f"started {starts} times without finishing"}
-            attempt.give_up("poison", error)
-        token = self.ledger.acquire(key, ttl=attempt.lock_ttl)
-        if token is None:
-            return attempt.defer_locked()
-        try:
-            done = _sent_record(self.ledger, key)
-            if done is not None:
-                return attempt.already_sent(done)
-            return attempt.deliver()
-        except (DeadLetteredError, redis.RedisError):
-            raise
-        except Exception as exc:
-            # Celery acknowledges a task that raised: never let a message vanish that
-            # way. A bug, a broken TLS setup, the soft time limit outside the SMTP
-            # exchange — whatever it is, the message waits for a delayed retry.
-            return attempt.unexpected(exc)
-        finally:
-            with contextlib.suppress(redis.RedisError):  # both expire on their own
-                self.ledger.release(key, token)
-                self.ledger.forget_starts(origin)
 
 
 def _meta(
@@ -208,14 +187,20 @@ class _Attempt:
         meta: Meta,
         started: float,
         time_limit: float,
+        malformed: InvalidMessageError | None = None,
     ) -> None:
         self.d = delivery
+        self.malformed = malformed
+        #: The lock's token while this run holds it; None once released.
+        self.token: str | None = None
         self.task = task
         self.task_id = task_id
         self.kwargs = kwargs
         self.meta = meta
         self.started = started
-        self.profile = profile_of(kwargs)
+        #: The profile the message asked for, and the one it goes through (a fallback
+        #: when the requested one's breaker is open).
+        self.requested_profile = self.profile = profile_of(kwargs)
         self.attempts = int(meta.get("attempts", 0))
         self.transcript: list[str] = []
         self.summary: dict[str, Any] = {}
@@ -227,12 +212,101 @@ class _Attempt:
         #: (the threads pool enforces none), so a send never outlives its lock, which
         #: outlives the task.
         self.deadline = time.monotonic() + time_limit * 0.8
+        self.time_limit = time_limit
         self.lock_ttl = time_limit + 2
 
     # -- the happy path ----------------------------------------------------------
 
-    def deliver(self) -> TaskResult:
+    def run(self) -> TaskResult:
+        """Deliver (or defer, or dead-letter) the message: :meth:`Delivery.run`."""
+        return self.proceed(self.begin(), self.deliver)
+
+    def begin(self) -> Begun:
+        """Check, count and lock the message before a delivery (one Redis round trip).
+
+        Raises:
+            DeadLetteredError: the task message is malformed.
+        """
+        if self.malformed is not None:
+            self.give_up("invalid", _invalid(self.malformed))
+        return self.d.ledger.begin(self.meta["key"], self.meta["origin"], **self.ledger_args())
+
+    def ledger_args(self) -> dict[str, Any]:
+        """The lock's and the start count's bounds, for :meth:`Ledger.begin`."""
+        settings = self.d.settings
+        return {
+            "lock_ttl": self.lock_ttl,
+            # Starts are counted per message (its first task id), not per task message:
+            # a run killed by the hard time limit comes back as a lock deferral with
+            # another task id, and must still count.
+            "runs_ttl": settings.max_age + 86400,
+            "max_starts": 1 + settings.max_redeliveries,
+        }
+
+    def proceed(
+        self, begun: Begun, deliver: Callable[[], TaskResult], *, keep_lock: bool = False
+    ) -> TaskResult:
+        """What :meth:`begin` found decides: done before, poison, locked — or
+        ``deliver()`` under the lock, which is released when it returns (unless
+        ``keep_lock``: the caller releases it)."""
+        if begun.status == "done":
+            # Before the poison guard: a sent message is never poison.
+            return self.already_sent(cast("SentResult", begun.sent))
+        if begun.status == "poison":
+            error = {"type": "Poison", "message": f"started {begun.starts} times without finishing"}
+            self.give_up("poison", error)
+        if begun.status == "locked":
+            return self.defer_locked()
+        self.token = begun.token
         try:
+            if begun.sent is not None:
+                return self.already_sent(cast("SentResult", begun.sent))
+            too_old = float(self.meta["first_attempt_at"]) + self.d.settings.max_age
+            if self.started > too_old + self.time_limit:
+                # Whatever kept it going (redeliveries, lock deferrals), it is too old
+                # now (the last scheduled retry runs at the maximum age, maybe late).
+                error = {"type": "MaxAge", "message": "past the maximum age"}
+                self.give_up("exhausted", error)
+            return deliver()
+        except (DeadLetteredError, redis.RedisError):
+            raise
+        except Exception as exc:
+            # Celery acknowledges a task that raised: never let a message vanish that
+            # way. A bug, a broken TLS setup, the soft time limit outside the SMTP
+            # exchange — whatever it is, the message waits for a delayed retry.
+            return self.unexpected(exc)
+        finally:
+            if not keep_lock:
+                self.release()
+
+    def release(self) -> None:
+        """Give the lock back and forget the start count: one Redis round trip.
+        Nothing is raised; both expire on their own."""
+        token, self.token = self.token, None
+        if token is None:
+            return
+        with contextlib.suppress(redis.RedisError):
+            self.d.ledger.finish(self.meta["key"], self.meta["origin"], token)
+
+    def deliver(self) -> TaskResult:
+        prepared = self.ready()
+        if not isinstance(prepared, Prepared):
+            return prepared
+        return self.send_prepared(prepared)
+
+    def ready(self) -> Prepared | TaskResult:
+        """Choose the profile and build the message; the result instead when the
+        profile is missing here (the message waits for a delayed retry).
+
+        Raises:
+            DeadLetteredError: the message is invalid.
+        """
+        try:
+            self.profile = self.d.fleet.route(self.requested_profile)
+            if self.profile != self.requested_profile:
+                self.log = self.log.bind(
+                    profile=self.profile, requested_profile=self.requested_profile
+                )
             prepared = self.prepare()
         except ConfigError as exc:
             # This worker lacks the profile or cannot read it (a rolling deploy, a bad
@@ -242,24 +316,22 @@ class _Attempt:
             return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
         self.message_id = prepared.message_id
         self.summary = prepared.summary
+        return prepared
+
+    def send_prepared(self, prepared: Prepared) -> TaskResult:
+        """Send with in-process retries, then record, defer or dead-letter."""
         retrying = self.d.policy.retrying(
             before_retry=lambda: self.d.pool.discard(self.profile), deadline=self.deadline
         )
         try:
             for try_ in retrying:
                 with try_:
-                    self.attempts += 1
-                    session = self.d.pool.get(self.profile)
-                    self.result = session.send(
-                        prepared.envelope_from,
-                        prepared.recipients,
-                        prepared.data,
-                        deadline=self.deadline,
-                        dsn=prepared.dsn,
-                    )
+                    self.result = self.send(prepared)
         except SMTPError as exc:
             self.transcript = exc.transcript
             return self.failed(exc)
+        except WaitFor as wait:
+            return self.wait(wait)
         except self.d.interrupts as exc:
             # Cut off mid-exchange: the server's late reply would answer the next
             # message's command, so the session goes without QUIT; the message waits
@@ -269,6 +341,36 @@ class _Attempt:
             return self.schedule_retry(error, recipients=self.meta.get("recipients"), whole=True)
         result = self.result
         assert result is not None  # the loop ends by success or by raising
+        return self.accepted(result)
+
+    def send(self, prepared: Prepared) -> SendResult:
+        """One SMTP attempt, inside the profile's fleet limits.
+
+        Raises:
+            SMTPError: the attempt failed (counted against the profile).
+            WaitFor: a fleet limit makes the message wait (not an attempt).
+        """
+        profile = self.d.pool.profile(self.profile)
+        with self.d.pool.use(self.profile, deadline=self.deadline) as session:
+            self.d.fleet.admit(profile, deadline=self.deadline, connecting=not session.connected)
+            self.attempts += 1
+            try:
+                result = session.send(
+                    prepared.envelope_from,
+                    prepared.recipients,
+                    prepared.data,
+                    deadline=self.deadline,
+                    dsn=prepared.dsn,
+                )
+            except SMTPError as exc:
+                metrics.replies(self.profile, [exc.code] if exc.code else [])
+                self.d.fleet.failed(profile, exc)
+                raise
+        self.d.fleet.succeeded(profile)
+        return result
+
+    def accepted(self, result: SendResult) -> TaskResult:
+        """The server took the message: record it at once, log, follow up."""
         # Any retry after here would be a duplicate: record it now.
         record = self.record_sent(result)
         self.transcript = [str(line) for line in result.transcript]
@@ -280,6 +382,18 @@ class _Attempt:
             refused=record["refused"],
             # "not_offered": DSN was asked for, the server lacks it, sent without.
             dsn=result.dsn,
+        )
+        metrics.replies(self.profile, [r.code for r in result.recipients] + [result.reply.code])
+        refused = record["refused"]
+        metrics.message(
+            self.profile,
+            "sent",
+            recipients={
+                "accepted": len(result.accepted),
+                "deferred": sum(1 for o in refused.values() if o["status"] == "deferred"),
+                "rejected": sum(1 for o in refused.values() if o["status"] == "rejected"),
+            },
+            duration=self.d._clock() - self.started,
         )
         try:
             self.follow_up(record)
@@ -337,7 +451,8 @@ class _Attempt:
                 self.kwargs,
                 self.meta,
                 default_from=self.d.settings.default_from,
-                check_profile=self.d.pool.get,
+                # The profile it goes through (a fallback signs with its own DKIM key).
+                check_profile=lambda _requested: self.d.pool.profile(self.profile),
                 limits=self.d.settings.message_limits,
             )
         except InvalidMessageError as exc:
@@ -345,18 +460,38 @@ class _Attempt:
 
     def sent(self, result: SendResult) -> SentResult:
         """The result for the server's acceptance of this message."""
-        return outcome.sent(
-            result, message_id=self.message_id, attempts=self.attempts, date=self.meta.get("date")
+        return self.stamp(
+            outcome.sent(
+                result,
+                message_id=self.message_id,
+                attempts=self.attempts,
+                date=self.meta.get("date"),
+            )
         )
+
+    def stamp(self, result: TaskResult) -> TaskResult:
+        """``result`` with the profile used and, when another, the one asked for."""
+        result["profile"] = self.profile
+        if self.profile != self.requested_profile:
+            result["requested_profile"] = self.requested_profile
+        return result
 
     def record_sent(self, result: SendResult) -> SentResult:
         """Remember the acceptance at once. A Redis failure here must not send the
-        message again, so it is retried briefly, then logged, never raised."""
+        message again, so it is retried briefly, then logged, never raised.
+
+        With nothing to follow up (the common case) the lock goes in the same round
+        trip."""
         record = self.sent(result)
         ttl = self.d.settings.max_age + 86400
         for pause in (0.1, 0.5, 0):
             try:
-                self.d.ledger.record_sent(self.meta["key"], dict(record), ttl=ttl)
+                if not record["refused"] and self.token is not None:
+                    key, origin = self.meta["key"], self.meta["origin"]
+                    self.d.ledger.finish(key, origin, self.token, record=dict(record), ttl=ttl)
+                    self.token = None
+                else:
+                    self.d.ledger.record_sent(self.meta["key"], dict(record), ttl=ttl)
                 return record
             except redis.RedisError as exc:
                 failure = exc
@@ -432,12 +567,14 @@ class _Attempt:
             if whole:
                 self.give_up("exhausted", error)
             self.dead_letter("exhausted", error, subset=recipients)
-            return outcome.dead_lettered(
-                message_id=self.message_id,
-                attempts=self.attempts,
-                error=error,
-                reply=_reply_line(error),
-                recipients=recipients,
+            return self.stamp(
+                outcome.dead_lettered(
+                    message_id=self.message_id,
+                    attempts=self.attempts,
+                    error=error,
+                    reply=_reply_line(error),
+                    recipients=recipients,
+                )
             )
         meta["retries"] = retries
         kwargs = {**self.kwargs, "_meta": meta}
@@ -454,14 +591,50 @@ class _Attempt:
             retry_task_id=retry_id,
             recipients=recipients,
         )
-        return outcome.deferred(
-            message_id=self.message_id,
-            attempts=self.attempts,
+        metrics.message(self.profile, "deferred")
+        metrics.retry_scheduled()
+        return self.stamp(
+            outcome.deferred(
+                message_id=self.message_id,
+                attempts=self.attempts,
+                retry_at=due,
+                retry_task_id=retry_id,
+                error=error,
+                reply=_reply_line(error),
+                recipients=recipients,
+            )
+        )
+
+    def wait(self, wait: WaitFor) -> TaskResult:
+        """A fleet limit (rate, connection lease, throttle) keeps the message waiting
+        longer than a task should: back on the retry schedule, not an attempt."""
+        now = self.d._clock()
+        due = now + wait.seconds
+        waits = int(self.meta.get("waits", 0)) + 1
+        meta: Meta = {**self.meta, "attempts": self.attempts, "waits": waits}
+        retry_id = f"{meta['key']}/wait/{meta.get('retries', 0)}.{waits}"
+        self.d.schedule.add(retry_id, self.task, {**self.kwargs, "_meta": meta}, due)
+        error = {"type": "FleetLimit", "message": f"waiting for the profile's {wait.reason}"}
+        self.log.info(
+            "mail.deferred",
+            **self.event(reply=None),
+            error=error["message"],
+            delay=round(wait.seconds, 3),
             retry_at=due,
             retry_task_id=retry_id,
-            error=error,
-            reply=_reply_line(error),
-            recipients=recipients,
+        )
+        metrics.message(self.profile, "deferred")
+        return self.stamp(
+            outcome.deferred(
+                message_id=self.message_id,
+                attempts=self.attempts,
+                retry_at=due,
+                retry_task_id=retry_id,
+                error=error,
+                reply=None,
+                recipients=self.meta.get("recipients"),
+                reason="limited",
+            )
         )
 
     def _next_meta(self, error: dict[str, Any], recipients: list[str] | None) -> Meta:
@@ -491,11 +664,13 @@ class _Attempt:
             retry_at=due,
             retry_task_id=retry_id,
         )
-        return outcome.locked(
-            message_id=self.message_id,
-            attempts=self.attempts,
-            retry_at=due,
-            retry_task_id=retry_id,
+        return self.stamp(
+            outcome.locked(
+                message_id=self.message_id,
+                attempts=self.attempts,
+                retry_at=due,
+                retry_task_id=retry_id,
+            )
         )
 
     # -- dead letters -----------------------------------------------------------------
@@ -530,6 +705,9 @@ class _Attempt:
             first_attempt_at=float(meta["first_attempt_at"]),
             last_attempt_at=now,
             profile=self.profile,
+            requested_profile=(
+                self.requested_profile if self.requested_profile != self.profile else None
+            ),
             task_id=self.task_id,
             recipients=list(recipients or _rough_recipients(self.kwargs)),
             subject=self.summary.get("subject") or _text(self.kwargs.get("subject")),
@@ -543,6 +721,12 @@ class _Attempt:
             dlq_id=dlq_id,
             error=error.get("message"),
             recipients=record.recipients,
+        )
+        metrics.message(
+            self.profile,
+            "dead_lettered",
+            recipients={"rejected": len(record.recipients)} if reason == "permanent" else None,
+            duration=now - self.started if self.attempts else None,
         )
         return dlq_id
 

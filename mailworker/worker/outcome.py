@@ -35,9 +35,10 @@ class Meta(_MetaRequired, total=False):
     date: str
     #: Set when only some recipients are retried.
     recipients: list[str]
-    #: SMTP attempts and delayed retries so far.
+    #: SMTP attempts and delayed retries so far, and waits for fleet limits.
     attempts: int
     retries: int
+    waits: int
     #: One ``{"at": float, "error": str | None}`` per attempt that failed.
     history: list[dict[str, Any]]
 
@@ -69,7 +70,7 @@ def check_meta(value: object) -> dict[str, Any]:
             meta[name] = _text(f"_meta.{name}", value[name], limit)
     if "first_attempt_at" in value:
         meta["first_attempt_at"] = _number("_meta.first_attempt_at", value["first_attempt_at"])
-    for name in ("attempts", "retries"):
+    for name in ("attempts", "retries", "waits"):
         if name in value:
             meta[name] = int(_number(f"_meta.{name}", value[name], integer=True))
     if "message_id" in value:
@@ -123,9 +124,10 @@ class TaskResult(TypedDict):
 
     #: ``sent``, ``deferred`` (a delayed retry is scheduled) or ``dead_lettered``.
     status: Literal["sent", "deferred", "dead_lettered"]
-    #: Why it was not sent: ``retry`` or ``locked`` (deferred), ``exhausted``
-    #: (dead-lettered); None when sent.
-    reason: Literal["retry", "locked", "exhausted"] | None
+    #: Why it was not sent: ``retry``, ``locked`` or ``limited`` (deferred: a delayed
+    #: retry, another delivery running, a fleet limit), ``exhausted`` (dead-lettered);
+    #: None when sent.
+    reason: Literal["retry", "locked", "limited", "exhausted"] | None
     message_id: str | None
     #: Recipients the server accepted.
     accepted: list[str]
@@ -154,6 +156,10 @@ class TaskResult(TypedDict):
     idempotency_recorded: bool
     #: True once deferred recipients are scheduled and rejected ones dead-lettered.
     follow_up_done: bool
+    #: The profile that delivered or refused it, and the one the message asked for
+    #: when that was another (a fallback took over); None where no profile was used.
+    profile: str | None
+    requested_profile: str | None
 
 
 #: A sent message's result, as the idempotency ledger keeps it.
@@ -163,7 +169,7 @@ SentResult = TaskResult
 def _result(
     status: Literal["sent", "deferred", "dead_lettered"],
     *,
-    reason: Literal["retry", "locked", "exhausted"] | None = None,
+    reason: Literal["retry", "locked", "limited", "exhausted"] | None = None,
     message_id: str | None = None,
     attempts: int = 0,
     accepted: list[str] | None = None,
@@ -193,6 +199,8 @@ def _result(
         "duplicate": False,
         "idempotency_recorded": True,
         "follow_up_done": False,
+        "profile": None,
+        "requested_profile": None,
     }
 
 
@@ -221,11 +229,13 @@ def deferred(
     error: dict[str, Any],
     reply: str | None,
     recipients: list[str] | None,
+    reason: Literal["retry", "limited"] = "retry",
 ) -> TaskResult:
-    """The result of a message that waits for a delayed retry."""
+    """The result of a message that waits for a delayed retry (``limited``: for a
+    fleet limit, not counted as an attempt)."""
     return _result(
         "deferred",
-        reason="retry",
+        reason=reason,
         message_id=message_id,
         attempts=attempts,
         retry_at=retry_at,

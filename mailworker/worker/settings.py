@@ -40,6 +40,17 @@
 ``MAILWORKER_PUBLISH_TIMEOUT``        seconds ``send_mail.delay`` waits for an unreachable
                                       broker before it fails (default 5)
 ``MAILWORKER_LOG_FORMAT``             ``json`` or ``console`` (default: console on a TTY)
+``MAILWORKER_LEASE_TTL``             seconds a connection lease (``max_connections``) lives
+                                      unrenewed: a crashed worker's sessions free up after
+                                      it (default 30)
+``MAILWORKER_RESULTS``                ``1``: keep task results for ``AsyncResult.get()``
+                                      (default ``0``: ``.delay()`` does not subscribe and
+                                      the worker stores nothing nobody reads)
+``MAILWORKER_METRICS_PORT``           serve Prometheus metrics at ``/metrics`` on this port
+                                      (default: none; needs ``mailworker[metrics]``)
+``MAILWORKER_METRICS_ADDR``           the address it listens on (default ``0.0.0.0``)
+``MAILWORKER_METRICS_DIR``            prefork pool: the processes' metric files, one worker
+                                      per directory (default: a new temporary directory)
 ====================================  ==========================================
 
 ``0`` switches any of the ``MAILWORKER_DLQ_*`` limits off.
@@ -102,6 +113,15 @@ class Settings:
     inprocess_attempts: int = 3
     #: Upper bound of all in-process waits together, in seconds.
     inprocess_max_wait: float = 4.0
+    #: Keep task results (``MAILWORKER_RESULTS=1``); off, ``.delay()`` neither
+    #: subscribes to a result nor does the worker store one.
+    store_results: bool = False
+    #: Connection leases (profiles with ``max_connections``) expire unrenewed after this.
+    lease_ttl: float = 30.0
+    #: Prometheus metrics (:mod:`mailworker.worker.metrics`): off without a port.
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"  # noqa: S104 -- scraped from other hosts by design
+    metrics_dir: str | None = None
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +173,10 @@ class Settings:
                 raise ConfigError(f"{var}: must be above 0")
         if self.log_format not in (None, "json", "console"):
             raise ConfigError("MAILWORKER_LOG_FORMAT: use 'json' or 'console'")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError(
+                f"MAILWORKER_METRICS_PORT={self.metrics_port}: give a TCP port, 1 to 65535"
+            )
 
     @property
     def result_backend(self) -> str:
@@ -186,6 +210,8 @@ class Settings:
             "MAILWORKER_SENTINEL_MASTER": "sentinel_master",
             "MAILWORKER_DEFAULT_FROM": "default_from",
             "MAILWORKER_LOG_FORMAT": "log_format",
+            "MAILWORKER_METRICS_ADDR": "metrics_addr",
+            "MAILWORKER_METRICS_DIR": "metrics_dir",
         }
         for var, name in text.items():
             if env.get(var):
@@ -198,6 +224,7 @@ class Settings:
             "MAILWORKER_DLQ_TTL": "dlq_ttl",
             "MAILWORKER_RETRY_JITTER": "retry_jitter",
             "MAILWORKER_PUBLISH_TIMEOUT": "publish_timeout",
+            "MAILWORKER_LEASE_TTL": "lease_ttl",
         }
         for var, name in numbers.items():
             if env.get(var):
@@ -210,9 +237,12 @@ class Settings:
             "MAILWORKER_MAX_MESSAGE_BYTES": "max_message_bytes",
             "MAILWORKER_MAX_RECIPIENTS": "max_recipients",
             "MAILWORKER_REDIS_REPLICAS": "redis_replicas",
+            "MAILWORKER_METRICS_PORT": "metrics_port",
         }.items():
             if env.get(var):
                 kwargs[name] = int(_number(var, env[var], int))
+        if env.get("MAILWORKER_RESULTS"):
+            kwargs["store_results"] = _flag("MAILWORKER_RESULTS", env["MAILWORKER_RESULTS"])
         if env.get("MAILWORKER_RETRY_DELAYS"):
             raw = env["MAILWORKER_RETRY_DELAYS"]
             kwargs["retry_delays"] = tuple(
@@ -235,6 +265,15 @@ def _shares_redis(broker_url: str) -> bool:
     """Whether the store may default to the broker: it is Redis (or kombu's in-process
     ``memory://`` transport of tests, which no worker runs on)."""
     return _scheme(broker_url) in (*_REDIS_SCHEMES, "memory")
+
+
+def _flag(var: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{var}={value!r}: expected 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _number(var: str, value: str, kind: type[int] | type[float]) -> float:

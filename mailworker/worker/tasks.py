@@ -29,7 +29,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.local import Proxy
 
 from mailworker.errors import DeadLetteredError
-from mailworker.queue.names import SEND_MAIL, SEND_MESSAGE
+from mailworker.queue.names import SEND_MAIL, SEND_MAIL_BATCH, SEND_MESSAGE, SEND_MESSAGE_BATCH
 from mailworker.queue.producer import Producer, publish_error, publish_errors
 from mailworker.smtp.profile import Profile
 from mailworker.store.client import (
@@ -39,8 +39,10 @@ from mailworker.store.client import (
     redis_client,
 )
 from mailworker.store.deadletter import DeadLetterStore
+from mailworker.store.limits import Leases
 from mailworker.store.schedule import RetrySchedule, ScheduledTask
 from mailworker.worker.app import ensure_limits, publishing_app, settings_of
+from mailworker.worker.batch import MAX_BATCH, run_batch
 from mailworker.worker.delivery import Delivery
 from mailworker.worker.mover import RetryMover
 from mailworker.worker.outcome import TaskResult
@@ -89,7 +91,9 @@ def delivery(settings: Settings) -> Delivery:
             current = Delivery(
                 settings,
                 client,
-                SessionPool(_profiles(settings)),
+                SessionPool(
+                    _profiles(settings), leases=Leases(client), lease_ttl=settings.lease_ttl
+                ),
                 interrupts=(SoftTimeLimitExceeded,),
             )
             _state.delivery, _state.redis, _state.pid = current, client, os.getpid()
@@ -148,21 +152,52 @@ def _route(task: Task[Any, Any]) -> tuple[str | None, str | None]:
 
 
 def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> TaskResult:
-    task_id = task.request.id or f"eager-{time.time_ns()}"
+    def run(work: Delivery, **where: Any) -> TaskResult:
+        return work.run(name, _task_id(task), kwargs, **where)
+
+    return _guarded(task, run)
+
+
+def _run_batch(
+    task: Task[Any, Any], name: str, messages: object, profile: str | None
+) -> list[TaskResult]:
+    def run(work: Delivery, **where: Any) -> list[TaskResult]:  # noqa: RET503 -- give_up raises
+        task_id = _task_id(task)
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            problem = "must be a list of objects, each the arguments of one message"
+        elif not 0 < len(messages) <= MAX_BATCH:
+            problem = f"must hold 1 to {MAX_BATCH} messages, not {len(messages)}"
+        else:
+            given = [m if profile is None else {"profile": profile, **m} for m in messages]
+            return run_batch(work, name, task_id, given, **where)
+        # The batch as a whole is malformed: dead-lettered as it came, as the batch.
+        attempt = work.attempt(task.name, task_id, {"messages": messages, "profile": profile})
+        attempt.give_up(
+            "invalid",
+            {"type": "InvalidMessageError", "message": f"messages {problem}", "field": "messages"},
+        )
+
+    return _guarded(task, run)
+
+
+def _task_id(task: Task[Any, Any]) -> str:
+    return task.request.id or f"eager-{time.time_ns()}"
+
+
+_R = TypeVar("_R")
+
+
+def _guarded(task: Task[Any, Any], run: Callable[..., _R]) -> _R:
+    """``run(delivery, queue=…, exchange=…, time_limit=…)`` with the replication waits
+    around it, and a Redis failure turned into a hand-back to the broker."""
+    task_id = _task_id(task)
     try:
         exchange, routing_key = _route(task)
         settings = settings_of(task.app)
         work = delivery(settings)
         _replicated(settings)
         try:
-            result = work.run(
-                name,
-                task_id,
-                kwargs,
-                queue=routing_key,
-                exchange=exchange,
-                time_limit=task.time_limit,
-            )
+            result = run(work, queue=routing_key, exchange=exchange, time_limit=task.time_limit)
         except DeadLetteredError:
             _replicated(settings)
             raise
@@ -178,6 +213,8 @@ def _run(task: Task[Any, Any], name: str, kwargs: dict[str, Any]) -> TaskResult:
         raise Reject(str(exc), requeue=True) from exc
 
 
+#: The single task each batch task's messages are handled as.
+_BATCH_OF = {SEND_MAIL_BATCH: SEND_MAIL, SEND_MESSAGE_BATCH: SEND_MESSAGE}
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -198,7 +235,12 @@ class _MailTask(Task):  # type: ignore[type-arg]
             # Extra positional arguments are named after positional parameters only.
             names = [n for n, p in signature.parameters.items() if p.kind in _POSITIONAL]
             given = {names[i] if i < len(names) else f"args[{i}]": a for i, a in enumerate(args)}
-            return _run(self, self.name, {**given, **kwargs})
+            given.update(kwargs)
+            if self.name in _BATCH_OF:
+                # Whatever else came, a batch without a list of messages is invalid.
+                messages = given.get("messages") if len(given) <= 2 else None
+                return _run_batch(self, _BATCH_OF[self.name], messages, given.get("profile"))
+            return _run(self, self.name, given)
         return super().__call__(*args, **kwargs)
 
     def apply_async(self, *args: Any, **kwargs: Any) -> Any:
@@ -308,6 +350,39 @@ def _send_message(  # noqa: PLR0917 -- the task's signature is the public API
     return _run(self, SEND_MESSAGE, kwargs)
 
 
+@shared_task(name=SEND_MAIL_BATCH, **_TASK_OPTIONS)
+def _send_mail_batch(
+    self: Task[Any, Any], messages: list[dict[str, Any]], profile: str | None = None
+) -> list[TaskResult]:
+    """Send several messages in one task: ``send_mail`` arguments each.
+
+    Example::
+
+        from mailworker import send_mail_batch
+        send_mail_batch.delay(messages=[
+            {"to": "ann@example.org", "subject": "Hi", "text": "Hi Ann"},
+            {"to": "bob@example.org", "subject": "Hi", "text": "Hi Bob"},
+        ])
+
+    Each message is handled exactly as if sent alone — its own idempotency record
+    (``idempotency_key``, else ``<task id>-<n>``), retries and dead letter — but they
+    share one pipelined SMTP exchange and Redis round trip. ``profile`` is the
+    default for messages that name none. Returns one result per message, in order;
+    a dead-lettered message's result says so (nothing is raised for one message).
+    At most 1,000 messages per task.
+    """
+    return _run_batch(self, SEND_MAIL, messages, profile)
+
+
+@shared_task(name=SEND_MESSAGE_BATCH, **_TASK_OPTIONS)
+def _send_message_batch(
+    self: Task[Any, Any], messages: list[dict[str, Any]], profile: str | None = None
+) -> list[TaskResult]:
+    """Send several prebuilt messages in one task: ``send_message`` arguments each
+    (``raw_b64``, ``envelope_from``, ``recipients``, …); see ``send_mail_batch``."""
+    return _run_batch(self, SEND_MESSAGE, messages, profile)
+
+
 def _optional(kwargs: dict[str, Any], **options: Any) -> None:
     """Add the options that were given, only those: the retries and dead letters of a
     message that uses none of them stay readable by an older worker (a rolling deploy)."""
@@ -326,6 +401,10 @@ def _published(task: _T, name: str) -> _T:
 send_mail = _published(_send_mail, SEND_MAIL)
 #: ``send_message.delay(raw_b64, envelope_from, recipients)``: see the task's docstring.
 send_message = _published(_send_message, SEND_MESSAGE)
+#: ``send_mail_batch.delay(messages=[{…send_mail arguments…}, …])``.
+send_mail_batch = _published(_send_mail_batch, SEND_MAIL_BATCH)
+#: ``send_message_batch.delay(messages=[{…send_message arguments…}, …])``.
+send_message_batch = _published(_send_message_batch, SEND_MESSAGE_BATCH)
 
 
 # -- worker life cycle -------------------------------------------------------------

@@ -376,7 +376,8 @@ class TestQueuedTask:
         assert kwargs["profile"] == "default"
 
     def test_count_skips_messages_without_recipients(self, idle_broker: IdleBroker) -> None:
-        """send_messages returns the number queued; a message without recipients is skipped."""
+        """send_messages returns the number queued; a message without recipients is
+        skipped; several go as one send_message_batch task, each with its own id."""
         messages = [
             mail.EmailMessage("One", "x", to=["a@example.org"]),
             mail.EmailMessage("Nobody", "x", to=[]),
@@ -384,10 +385,16 @@ class TestQueuedTask:
         ]
         assert mail.get_connection().send_messages(messages) == 2
         assert mail.get_connection().send_messages([]) == 0
-        assert [t["kwargs"]["recipients"] for t in idle_broker.queued()] == [
-            ["a@example.org"],
-            ["b@example.org"],
+        (task,) = idle_broker.queued()
+        assert task["headers"]["task"] == "mailworker.send_message_batch"
+        batch = task["kwargs"]["messages"]
+        assert [m["recipients"] for m in batch] == [["a@example.org"], ["b@example.org"]]
+        batch_id = task["headers"]["id"]
+        assert [messages[0].mailworker_task_id, messages[2].mailworker_task_id] == [
+            f"{batch_id}-0",
+            f"{batch_id}-1",
         ]
+        assert not hasattr(messages[1], "mailworker_task_id")
 
     def test_profile_and_queue(self, idle_broker: IdleBroker) -> None:
         """PROFILE and QUEUE come from settings, and get_connection() arguments win."""

@@ -197,7 +197,7 @@ class TestUnexpectedErrors:
     ) -> None:
         """A bug before sending (the session pool raises once): the result is "deferred",
         a mail.error event is logged, and the scheduled retry delivers the message."""
-        fail_once(monkeypatch, delivery.pool, "get", RuntimeError("pool exploded"))
+        fail_once(monkeypatch, delivery.pool, "profile", RuntimeError("pool exploded"))
 
         with capture_logs() as events:
             result = delivery.run(SEND_MAIL, "task-bug-prepare", mail())
@@ -268,7 +268,9 @@ class TestRedisTrouble:
         def down(*_args: Any, **_kwargs: Any) -> None:
             raise redis.ConnectionError("Redis went away")
 
+        # The record goes with the lock's release in one script (finish), or alone.
         monkeypatch.setattr(delivery.ledger, "record_sent", down)
+        monkeypatch.setattr(delivery.ledger, "finish", down)
 
         with capture_logs() as events:
             result = delivery.run(SEND_MAIL, "task-redis-down", mail())
@@ -739,7 +741,8 @@ class TestNoResendAfterAcceptance:
         """A time limit that strikes while the acceptance is being recorded neither
         schedules the message again nor loses the result: one copy, status sent."""
         delivery = make_delivery(interrupts=(_Interrupt,))
-        fail_once(monkeypatch, delivery.ledger, "record_sent", _Interrupt("soft time limit"))
+        # The first finish() is the one that records the acceptance.
+        fail_once(monkeypatch, delivery.ledger, "finish", _Interrupt("soft time limit"))
 
         result = delivery.run(SEND_MAIL, "task-interrupted", mail())
         delivery.pool.close_all()

@@ -27,7 +27,11 @@ from mailworker.contrib import PublishError
 from mailworker.contrib.django import conf
 from mailworker.message import RawPayload
 from mailworker.message.payload import check_dsn
-from mailworker.queue.names import SEND_MESSAGE
+from mailworker.queue.names import SEND_MESSAGE, SEND_MESSAGE_BATCH
+
+#: Messages per send_message_batch task when send_messages() gets several (Django's
+#: send_mass_mail, a loop of EmailMessages sent over one connection).
+BATCH_SIZE = 100
 
 if TYPE_CHECKING:  # Django has no type information; its classes are opaque to mypy.
     _BaseEmailBackend = object
@@ -131,18 +135,31 @@ class EmailBackend(_BaseEmailBackend):
             return 0
         producer = conf.producer(queue=self.queue)
         profile = self.profile or conf.profile_name()
+        prepared = [(m, task_kwargs(m, profile, self.dsn)) for m in email_messages]
+        ready = [(m, kwargs) for m, kwargs in prepared if kwargs is not None]
         queued = 0
-        for message in email_messages:
-            kwargs = task_kwargs(message, profile, self.dsn)
-            if kwargs is None:
-                continue
+        # One message, one send_message task; more go in send_message_batch tasks of
+        # BATCH_SIZE, each message handled in the worker exactly as if alone.
+        size = 1 if len(ready) == 1 else BATCH_SIZE
+        for start in range(0, len(ready), size):
+            chunk = ready[start : start + size]
             try:
-                result = producer.publish(SEND_MESSAGE, kwargs, store_result=False)
+                if size == 1:
+                    result = producer.publish(SEND_MESSAGE, chunk[0][1], store_result=False)
+                    ids = [result.id]
+                else:
+                    messages = [kwargs for _, kwargs in chunk]
+                    result = producer.publish(
+                        SEND_MESSAGE_BATCH, {"messages": messages}, store_result=False
+                    )
+                    # The worker keys each message of a batch as <task id>-<n>.
+                    ids = [f"{result.id}-{n}" for n in range(len(chunk))]
             except PublishError:
                 if self.fail_silently:
                     # The broker is down: the rest would wait for it and fail the same way.
                     return queued
                 raise
-            message.mailworker_task_id = result.id
-            queued += 1
+            for (message, _), task_id in zip(chunk, ids, strict=True):
+                message.mailworker_task_id = task_id
+            queued += len(chunk)
         return queued
