@@ -12,7 +12,7 @@ APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 # private node per test session) and systemd (for systemd-analyze verify).
 POSTFIX_PRESEED := postfix postfix/main_mailer_type select No configuration
 
-.PHONY: test demo lint typecheck unit bench faults fuzz system-deps test-deps venv clean
+.PHONY: test demo lint typecheck unit bench perf faults fuzz system-deps test-deps venv clean
 
 test: venv test-deps lint typecheck unit
 
@@ -60,6 +60,12 @@ unit:
 
 bench: venv
 	$(BIN)/python benchmarks/bench_smtp.py
+
+# The comparison table (private Postfix, Redis, Celery workers, Nodemailer via npm):
+# about 10 minutes; `$(BIN)/python benchmarks/perf.py --help` for its options.
+perf: venv test-deps
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/perf.py
 
 faults: venv test-deps
 	$(BIN)/python benchmarks/faults.py
