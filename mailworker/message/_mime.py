@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from email import policy as email_policy
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import format_datetime, make_msgid
 from typing import TYPE_CHECKING, Final
 
+from mailworker.message import _registry
 from mailworker.message._address import parse_address, to_ascii_domain
 from mailworker.message._attachments import Attachment
 from mailworker.message._fields import fail
@@ -42,8 +42,8 @@ _LITERAL: Final = frozenset({LIST_UNSUBSCRIBE.lower(), LIST_UNSUBSCRIBE_POST.low
 _BODY_CONTROL = re.compile("[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
 # The SMTP policies default to cte_type="8bit", which sends short non-ASCII text as raw 8-bit
 # and so would need 8BITMIME; "7bit" makes the email package pick quoted-printable or base64.
-_POLICY: Final = email_policy.SMTP.clone(cte_type="7bit")
-_POLICY_UTF8: Final = email_policy.SMTPUTF8.clone(cte_type="7bit")
+_POLICY: Final = _registry.SMTP.clone(cte_type="7bit")
+_POLICY_UTF8: Final = _registry.SMTPUTF8.clone(cte_type="7bit")
 
 
 def _set_body(part: EmailMessage, content: str, subtype: str) -> None:

@@ -18,9 +18,10 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import HeaderParser
 from email.policy import Policy
-from email.policy import default as default_policy
 from typing import Final
 from urllib.parse import quote
+
+from mailworker.message import _registry
 
 #: Encoded-word payload bytes per word: 45 bytes are 60 base64 characters, so a word
 #: (``=?utf-8?b?`` + 60 + ``?=``) stays within RFC 2047's 75 characters.
@@ -188,7 +189,7 @@ def header_mismatch(msg: EmailMessage, data: bytes) -> str | None:
 def _block_mismatch(part: EmailMessage, block: bytes) -> str | None:
     try:
         # UTF-8, not the parser's ASCII: an SMTPUTF8 message carries UTF-8 headers.
-        parsed = HeaderParser(policy=default_policy).parsestr(block.decode() + "\r\n")
+        parsed = HeaderParser(policy=_registry.DEFAULT).parsestr(block.decode() + "\r\n")
         got = list(parsed.items())
     except Exception:  # a block the parser cannot even read is not what we meant
         return next(iter(part.keys()), "headers")

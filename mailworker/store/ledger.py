@@ -162,6 +162,20 @@ class Ledger:
             args=[token, json.dumps(record) if record is not None else "", int(ttl)],
         )
 
+    def finish_many(
+        self, finished: list[tuple[str, str, str, dict[str, Any]]], *, ttl: float
+    ) -> None:
+        """:meth:`finish` with a record for each ``(message key, origin, token, record)``,
+        pipelined: one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for message_key, origin, token, record in finished:
+            self._finish(
+                keys=self._keys(message_key, origin),
+                args=[token, json.dumps(record), int(ttl)],
+                client=pipe,
+            )
+        pipe.execute()
+
     def _keys(self, message_key: str, origin: str) -> list[str]:
         return [
             keys.sent(message_key, self._prefix),

@@ -4,8 +4,8 @@ A batch task carries ``send_mail`` (or ``send_message``) arguments for several
 messages. Each message gets its own id within the task (``<task id>-<n>``), so its
 own idempotency record, lock, poison count, delayed retries and dead letter, all
 as the single task's — a retry or a dead letter of one message is a single task.
-What they share is the work: one pipelined Redis round trip before the sends, and
-one SMTP exchange (:meth:`~mailworker.smtp.SMTPSession.send_many`) in which the
+What they share is the work: one pipelined Redis round trip before the sends, one
+after them for the plain acceptances, and one SMTP exchange (:meth:`~mailworker.smtp.SMTPSession.send_many`) in which the
 transactions follow each other without waiting.
 
 A message the exchange could not deliver at once for a reason worth an immediate
@@ -28,7 +28,7 @@ from mailworker.store.ledger import Begun
 from mailworker.worker import outcome
 from mailworker.worker.delivery import Delivery, _Attempt
 from mailworker.worker.fleet import WaitFor
-from mailworker.worker.outcome import TaskResult
+from mailworker.worker.outcome import SentResult, TaskResult
 from mailworker.worker.prepare import Prepared
 from mailworker.worker.retry import retry_now
 
@@ -144,8 +144,38 @@ def _send(
             groups.setdefault(attempt.profile, []).append(item)
     for name, items in groups.items():
         outcomes = _exchange(delivery, name, items)
+        records = _record(delivery, items, outcomes)
         for (n, attempt, prepared), got in zip(items, outcomes, strict=True):
-            results[n] = _settle(attempt, partial(_conclude, attempt, prepared, got))
+            record = records.get(n)
+            results[n] = _settle(attempt, partial(_conclude, attempt, prepared, got, record))
+
+
+def _record(
+    delivery: Delivery,
+    items: list[tuple[int, _Attempt, Prepared]],
+    outcomes: list[SendResult | SMTPError | BaseException],
+) -> dict[int, SentResult]:
+    """Record every plain acceptance of the exchange and release its lock, in one
+    pipelined round trip; the others (refused recipients to follow up) are recorded
+    one by one as a single delivery does. A Redis failure here leaves them to that."""
+    records: dict[int, SentResult] = {}
+    finished = []
+    for (n, attempt, _), got in zip(items, outcomes, strict=True):
+        if isinstance(got, SendResult) and not got.refused and attempt.token is not None:
+            attempt.result = got
+            records[n] = attempt.sent(got)
+            meta = attempt.meta
+            finished.append((meta["key"], meta["origin"], attempt.token, dict(records[n])))
+    if not finished:
+        return {}
+    try:
+        delivery.ledger.finish_many(finished, ttl=delivery.settings.max_age + 86400)
+    except redis.RedisError:
+        return {}  # each records its own below, with the usual retries
+    for n, attempt, _ in items:
+        if n in records:
+            attempt.token = None
+    return records
 
 
 def _exchange(
@@ -186,12 +216,16 @@ def _exchange(
 
 
 def _conclude(
-    attempt: _Attempt, prepared: Prepared, got: SendResult | SMTPError | BaseException
+    attempt: _Attempt,
+    prepared: Prepared,
+    got: SendResult | SMTPError | BaseException,
+    record: SentResult | None = None,
 ) -> TaskResult:
-    """One message's outcome of the shared exchange, handled as a single delivery's."""
+    """One message's outcome of the shared exchange, handled as a single delivery's
+    (``record``: its acceptance, already recorded)."""
     if isinstance(got, SendResult):
         attempt.result = got
-        return attempt.accepted(got)
+        return attempt.accepted(got, record)
     if isinstance(got, WaitFor):
         attempt.attempts -= 1  # not sent: a fleet limit, not an attempt
         return attempt.wait(got)

@@ -369,10 +369,12 @@ class _Attempt:
         self.d.fleet.succeeded(profile)
         return result
 
-    def accepted(self, result: SendResult) -> TaskResult:
-        """The server took the message: record it at once, log, follow up."""
+    def accepted(self, result: SendResult, record: SentResult | None = None) -> TaskResult:
+        """The server took the message: record it at once (unless the caller did:
+        ``record``), log, follow up."""
         # Any retry after here would be a duplicate: record it now.
-        record = self.record_sent(result)
+        if record is None:
+            record = self.record_sent(result)
         self.transcript = [str(line) for line in result.transcript]
         self.log.info(
             "mail.sent",

@@ -298,7 +298,7 @@ class TestRedisCommands:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A warm batch of 10: one begin script per message in one pipeline, one
-        finish script per message after its send, nothing else."""
+        finish script per message in one pipeline after the exchange, nothing else."""
         sent = Sent(redis_client, monkeypatch)
         run_batch(delivery, SEND_MAIL, "batch-warm", batch(2))
         sent.take()
@@ -311,7 +311,7 @@ class TestRedisCommands:
         assert statuses(results) == ["sent"] * 10
         assert server.get("evalsha") == 20, server
         assert commands == ["evalsha"] * 20, commands
-        assert round_trips == 11, "one pipeline of begins, then one finish per message"
+        assert round_trips == 2, "one pipeline of begins, one of finishes"
 
 
 class TestWorker:
