@@ -5,8 +5,9 @@ messages. Each message gets its own id within the task (``<task id>-<n>``), so i
 own idempotency record, lock, poison count, delayed retries and dead letter, all
 as the single task's — a retry or a dead letter of one message is a single task.
 What they share is the work: one pipelined Redis round trip before the sends, one
-after them for the plain acceptances, and one SMTP exchange (:meth:`~mailworker.smtp.SMTPSession.send_many`) in which the
-transactions follow each other without waiting.
+after them for the plain acceptances, and one SMTP exchange
+(:meth:`~mailworker.smtp.SMTPSession.send_many`) in which the transactions follow
+each other without waiting.
 
 A message the exchange could not deliver at once for a reason worth an immediate
 retry (a dropped connection before its content) is sent again alone, with the

@@ -29,7 +29,7 @@ PAYLOADS: dict[str, dict[str, Any]] = {
         "attachments": [
             {"filename": "invoice.pdf", "content": PNG, "mimetype": "application/pdf"},
             {"filename": "logo.png", "content": PNG, "content_id": "logo"},
-            {"filename": "Résumé – final.txt", "content": PNG},
+            {"filename": "Résumé \u2013 final.txt", "content": PNG},
         ],
         "list_unsubscribe": ["https://example.com/unsub?u=42", "mailto:unsub@example.com"],
         "list_unsubscribe_post": True,
