@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         SMTPSession,
         Timeouts,
     )
-    from mailworker.smtp.profile import FleetLimits, Rate
+    from mailworker.smtp.limits import FleetLimits, Rate
     from mailworker.worker.tasks import (
         send_mail,
         send_mail_batch,
@@ -48,7 +48,7 @@ _LAZY = {
         ("send_mail", "send_mail_batch", "send_message", "send_message_batch"),
         "mailworker.worker.tasks",
     ),
-    **dict.fromkeys(("FleetLimits", "Rate"), "mailworker.smtp.profile"),
+    **dict.fromkeys(("FleetLimits", "Rate"), "mailworker.smtp.limits"),
     **dict.fromkeys(
         (
             "DSN",

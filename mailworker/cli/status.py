@@ -17,7 +17,8 @@ import click
 import redis
 
 from mailworker.errors import ConfigError
-from mailworker.smtp.profile import Profile, normalize_profile_name, profile_names
+from mailworker.smtp.limits import normalize_profile_name
+from mailworker.smtp.profile import Profile, profile_names
 from mailworker.store import keys
 from mailworker.store.client import describe, redis_client
 from mailworker.store.limits import Breaker, BreakerStatus, Leases, RateLimiter, Throttle

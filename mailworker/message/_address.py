@@ -6,6 +6,7 @@ and returned as an :class:`email.headerregistry.Address`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -82,6 +83,14 @@ def parse_address(name: str, value: object) -> Address:
     """Parse 'a@b.example' or 'Display Name <a@b.example>' into a checked Address."""
     if not isinstance(value, str):
         fail(name, f"must be an email address string, got {type_name(value)}")
+    return _parse(name, value)
+
+
+# A message's addresses are checked where they are given, for the envelope and for each
+# header that names them: the same few strings several times. Address is immutable;
+# a refusal is raised again each time (lru_cache keeps only results).
+@functools.lru_cache(maxsize=1024)
+def _parse(name: str, value: str) -> Address:
     text = header_text(name, value).strip()
     display, spec = "", text
     if text.endswith(">") and "<" in text:

@@ -189,7 +189,7 @@ def header_mismatch(msg: EmailMessage, data: bytes) -> str | None:
 def _block_mismatch(part: EmailMessage, block: bytes) -> str | None:
     try:
         # UTF-8, not the parser's ASCII: an SMTPUTF8 message carries UTF-8 headers.
-        parsed = HeaderParser(policy=_registry.DEFAULT).parsestr(block.decode() + "\r\n")
+        parsed = HeaderParser(policy=_registry.READ_BACK).parsestr(block.decode() + "\r\n")
         got = list(parsed.items())
     except Exception:  # a block the parser cannot even read is not what we meant
         return next(iter(part.keys()), "headers")

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import redis
 
-from mailworker.smtp.profile import Rate
+from mailworker.smtp.limits import Rate
 from mailworker.store import keys
 
 __all__ = [

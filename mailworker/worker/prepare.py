@@ -25,7 +25,8 @@ from mailworker.message.payload import check_dsn
 from mailworker.queue.names import SEND_MESSAGE
 from mailworker.smtp.body import normalise_line_endings
 from mailworker.smtp.dsn import DSN
-from mailworker.smtp.profile import Profile, normalize_profile_name
+from mailworker.smtp.limits import normalize_profile_name
+from mailworker.smtp.profile import Profile
 from mailworker.worker.outcome import Meta
 
 #: Arguments that steer delivery rather than describe the message.

@@ -215,6 +215,18 @@ def _guarded(task: Task[Any, Any], run: Callable[..., _R]) -> _R:
 
 #: The single task each batch task's messages are handled as.
 _BATCH_OF = {SEND_MAIL_BATCH: SEND_MAIL, SEND_MESSAGE_BATCH: SEND_MESSAGE}
+
+
+def _signature(run: Callable[..., Any]) -> inspect.Signature:
+    # inspect.signature() costs tens of microseconds a call: once per task function.
+    function = getattr(run, "__func__", run)
+    found: inspect.Signature | None = _SIGNATURES.get(function)
+    if found is None:
+        found = _SIGNATURES[function] = inspect.signature(run)
+    return found
+
+
+_SIGNATURES: dict[Callable[..., Any], inspect.Signature] = {}
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -228,7 +240,7 @@ class _MailTask(Task):  # type: ignore[type-arg]
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        signature = inspect.signature(self.run)
+        signature = _signature(self.run)
         try:
             signature.bind(*args, **kwargs)
         except TypeError:

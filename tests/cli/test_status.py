@@ -14,7 +14,7 @@ import redis
 from click.testing import CliRunner, Result
 
 from mailworker.cli import main
-from mailworker.smtp.profile import Rate
+from mailworker.smtp.limits import Rate
 from mailworker.store.limits import Breaker, Leases, RateLimiter, Throttle
 from tests.servers import free_port
 

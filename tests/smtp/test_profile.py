@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailworker import ConfigError, Profile, Timeouts
-from mailworker.smtp.profile import normalize_profile_name, profile_names
+from mailworker.smtp.limits import normalize_profile_name
+from mailworker.smtp.profile import profile_names
 
 
 class TestSchemes:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailworker import ConfigError, Profile
-from mailworker.smtp.profile import FleetLimits, Rate
+from mailworker.smtp.limits import FleetLimits, Rate
 
 BASE = "smtps://u:p@mail.example.com"
 

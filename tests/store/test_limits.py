@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from mailworker.smtp.profile import Rate
+from mailworker.smtp.limits import Rate
 from mailworker.store import keys
 from mailworker.store.limits import Breaker, Leases, RateLimiter, Throttle, default_burst
 

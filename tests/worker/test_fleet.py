@@ -16,7 +16,7 @@ import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from celery import Celery
 
-from mailworker.smtp.profile import Rate
+from mailworker.smtp.limits import Rate
 from mailworker.store.limits import Breaker, Leases, default_burst
 from mailworker.worker.tasks import send_mail
 from tests.servers import RecordingHandler, SMTPServer, smtp_url, wait_for
