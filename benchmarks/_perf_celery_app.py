@@ -32,3 +32,19 @@ def noop(n: int) -> None:
     if not _udp:
         _udp.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     _udp[0].sendto(b"%d" % n, ("127.0.0.1", int(os.environ["PERF_UDP_PORT"])))
+
+
+# The same, with the delivery guarantees mailworker's tasks carry (late acknowledgement,
+# re-queued when the worker is lost, soft and hard time limits), run by a worker with
+# prefetch 1 like mailworker's: the ceiling for a task with those guarantees.
+@app.task(
+    name="perf.noop_guarded",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    acks_on_failure_or_timeout=False,
+    time_limit=240,
+    soft_time_limit=216,
+)
+def noop_guarded(n: int) -> None:
+    noop(n)

@@ -75,6 +75,8 @@ class EndToEnd:
         else:
             command = [sys.executable, "-m", "celery", "-A", "_perf_celery_app", "worker"]
             command += options
+            if mode == "noop_guarded":
+                command += ["--prefetch-multiplier", "1"]
         log = self.work / f"worker-{self._runs:03d}-{mode}.log"
         return spawn(command, log, env)
 
@@ -92,7 +94,8 @@ class EndToEnd:
             time.sleep(0.005)
 
     def run(self, mode: str, count: int, chunk: int | None = None) -> E2EResult | str:
-        """Measure ``mode`` (noop, dce, mw, batch10, batch100) over ``count`` messages;
+        """Measure ``mode`` (noop, noop_guarded, dce, mw, batch10, batch100) over ``count``
+        messages;
         a string says why the row cannot run."""
         env = dict(self.env)
         if chunk is not None:

@@ -2,7 +2,7 @@
 
     python _perf_publish.py MODE N WARM_UP
 
-MODE: noop | dce | mw | batch10 | batch100. Publishes WARM_UP messages, prints
+MODE: noop | noop_guarded | dce | mw | batch10 | batch100. Publishes WARM_UP messages, prints
 ``warm``, waits for ``go`` on stdin, prints ``t0 <time.monotonic()>``, publishes N
 messages and prints ``published``. Prints ``n/a <why>`` and exits when the worker
 side cannot run MODE.
@@ -25,14 +25,15 @@ def say(line: str) -> None:
 
 def publisher(mode: str) -> Callable[[int, int], None] | str:
     """A function publishing messages ``start..start+count``, or why not."""
-    if mode in ("noop", "dce"):
+    if mode in ("noop", "noop_guarded", "dce"):
         import _perf_celery_app  # noqa: PLC0415 -- sets Django up
 
-        if mode == "noop":
+        if mode.startswith("noop"):
+            task = _perf_celery_app.noop if mode == "noop" else _perf_celery_app.noop_guarded
 
             def noop(start: int, count: int) -> None:
                 for i in range(start, start + count):
-                    _perf_celery_app.noop.delay(i)
+                    task.delay(i)
 
             return noop
 

@@ -29,12 +29,13 @@ class _CachedRegistry(HeaderRegistry):
 
 
 class _ParsedRegistry(_CachedRegistry):
-    """Also keeps the last few thousand parsed headers, by name and value: for reading
+    """Also keeps the last few hundred parsed headers, by name and value: for reading
     serialised header blocks back (:func:`mailworker.message._wire.header_mismatch`),
     where the same fields (From, Content-Type, MIME-Version, …) come back message after
     message. The header objects are immutable; they are only read there."""
 
-    _SIZE = 4096
+    #: Enough for the fields that repeat; the parse trees are heavy (~5 KB each).
+    _SIZE = 256
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,6 +49,8 @@ class _ParsedRegistry(_CachedRegistry):
             self._parsed[key] = found
             if len(self._parsed) > self._SIZE:
                 self._parsed.popitem(last=False)
+        else:
+            self._parsed.move_to_end(key)
         return found
 
 
