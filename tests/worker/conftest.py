@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from mailworker.smtp.profile import Profile
+from mailworker.store.limits import Leases
 from mailworker.worker.delivery import Delivery
 from mailworker.worker.sessions import SessionPool
 from mailworker.worker.settings import Settings
@@ -85,7 +86,9 @@ def make_delivery(
             **profile_vars(profiles),
             **env,
         }
-        pool = SessionPool(lambda name: Profile.from_env(name, environ))
+        pool = SessionPool(
+            lambda name: Profile.from_env(name, environ), leases=Leases(redis_client)
+        )
         delivery = Delivery(
             Settings.from_env(environ), redis_client, pool, clock=clock, interrupts=interrupts
         )
