@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from tests.servers import (
     TLSMaterials,
     smtp_url,
 )
+from tests.servers.chunking import ChunkingServer
 from tests.smtp.helpers import ProfileFactory
 
 
@@ -57,3 +59,22 @@ def make_profile(tls_ca: TLSMaterials) -> ProfileFactory:
         return Profile.from_url(url, oauth_token_provider=provider)
 
     return build
+
+
+#: The type of the ``chunking_server`` fixture.
+ChunkingFactory = Callable[..., ChunkingServer]
+
+
+@pytest.fixture
+def chunking_server() -> Iterator[ChunkingFactory]:
+    """Factory: ``chunking_server(**options)`` starts a ChunkingServer (PIPELINING and
+    CHUNKING, with fault switches), stopped at teardown."""
+    servers: list[ChunkingServer] = []
+
+    def start(**options: bool) -> ChunkingServer:
+        servers.append(ChunkingServer(**options).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -4,33 +4,14 @@ to work."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
 
 from mailworker import SMTPRecipientsRefused, SMTPServerDisconnected, SMTPSession
-from tests.servers.chunking import ChunkingServer
+from tests.smtp.conftest import ChunkingFactory
 from tests.smtp.helpers import MESSAGE, RCPT, SENDER, ProfileFactory, wire_form
-
-ChunkingFactory = Callable[..., ChunkingServer]
 
 #: Leading dots, bare LF and CR, a lone dot line: what dot-stuffing would change.
 TRICKY = b"Subject: dots\n\n.leading dot\r\n.\r\nbare LF\nbare CR\r..\r\nend"
-
-
-@pytest.fixture
-def chunking_server() -> Iterator[ChunkingFactory]:
-    """Factory: ``chunking_server(**options)`` starts a ChunkingServer, stopped at
-    teardown."""
-    servers: list[ChunkingServer] = []
-
-    def start(**options: bool) -> ChunkingServer:
-        servers.append(ChunkingServer(**options).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def shape(lines: list[str]) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -18,24 +17,8 @@ from mailworker import (
 )
 from mailworker.smtp import SendResult
 from tests.servers.chunking import ChunkingServer
+from tests.smtp.conftest import ChunkingFactory
 from tests.smtp.helpers import RCPT, SENDER, ProfileFactory, wire_form
-
-ChunkingFactory = Callable[..., ChunkingServer]
-
-
-@pytest.fixture
-def chunking_server() -> Iterator[ChunkingFactory]:
-    """Factory: ``chunking_server(**options)`` starts a ChunkingServer, stopped at
-    teardown."""
-    servers: list[ChunkingServer] = []
-
-    def start(**options: bool) -> ChunkingServer:
-        servers.append(ChunkingServer(**options).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def message(n: int) -> bytes:
