@@ -62,10 +62,11 @@ bench: venv
 	$(BIN)/python benchmarks/bench_smtp.py
 
 # The comparison table (private Postfix, Redis, Celery workers, Nodemailer via npm):
-# about 10 minutes; `$(BIN)/python benchmarks/perf.py --help` for its options.
+# about 11 minutes; `make perf PERF_ARGS=--quick` for a smoke run, `--help` for the rest.
+PERF_ARGS ?=
 perf: venv test-deps
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python benchmarks/perf.py
+	$(BIN)/python benchmarks/perf.py $(PERF_ARGS)
 
 faults: venv test-deps
 	$(BIN)/python benchmarks/faults.py
