@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from celery import Celery
 from mailworker.worker import app as worker_app
 from mailworker.worker.app import configure
 from mailworker.worker.settings import Settings
+from mailworker.worker.tasks import send_mail
+from tests.servers import SMTPServer
 
 #: Settings every end-to-end test starts from (seconds): short retry delays, a task
 #: time limit below half the visibility timeout.
@@ -321,3 +324,19 @@ def producer(env: Mapping[str, str]) -> Iterator[Celery]:
     finally:
         worker_app._publishing[:] = previous
         app.close()
+
+
+def publish(count: int, prefix: str) -> list[str]:
+    """``send_mail.delay`` ``count`` messages with subjects ``"<prefix> <n>"`` (inside
+    :func:`producer`); returns their task ids."""
+    return [
+        send_mail.delay(
+            to=f"user{n}@example.org", subject=f"{prefix} {n:03d}", text=f"message {n}"
+        ).id
+        for n in range(count)
+    ]
+
+
+def subjects(server: SMTPServer) -> Counter[str]:
+    """How many copies of each subject the server accepted."""
+    return Counter(str(m.parsed()["Subject"]) for m in list(server.handler.messages))

@@ -18,9 +18,8 @@ from celery import Celery
 
 from mailworker.smtp.limits import Rate
 from mailworker.store.limits import Breaker, Leases, default_burst
-from mailworker.worker.tasks import send_mail
 from tests.servers import RecordingHandler, SMTPServer, smtp_url, wait_for
-from tests.worker_process import WorkerProcess, producer, worker_env
+from tests.worker_process import WorkerProcess, producer, publish, subjects, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -59,21 +58,6 @@ class PeakSet(set[Any]):
         self.peak = max(self.peak, len(self))
 
 
-def publish(count: int, prefix: str) -> list[str]:
-    """``send_mail.delay`` ``count`` messages with subjects ``"<prefix> <n>"``."""
-    return [
-        send_mail.delay(
-            to=f"user{n}@example.org", subject=f"{prefix} {n:03d}", text=f"message {n}"
-        ).id
-        for n in range(count)
-    ]
-
-
-def subjects(server: SMTPServer) -> Counter[str]:
-    """How many copies of each subject the server accepted."""
-    return Counter(str(m.parsed()["Subject"]) for m in list(server.handler.messages))
-
-
 def message_ids(server: SMTPServer) -> set[str]:
     """The Message-IDs the server accepted, without angle brackets."""
     return {str(m.parsed()["Message-ID"]).strip("<>") for m in list(server.handler.messages)}
@@ -106,7 +90,9 @@ def start_fleet(tmp_path: Path) -> Iterator[FleetFactory]:
     still running after the test is killed (whole process group)."""
     started: list[WorkerProcess] = []
 
-    def start(env: dict[str, str], *, workers: int = WORKERS, concurrency: int = CONCURRENCY):
+    def start(
+        env: dict[str, str], *, workers: int = WORKERS, concurrency: int = CONCURRENCY
+    ) -> list[WorkerProcess]:
         fleet = [
             WorkerProcess(
                 env,

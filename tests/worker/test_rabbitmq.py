@@ -28,7 +28,7 @@ from mailworker.store.deadletter import DeadLetterStore
 from mailworker.store.schedule import RetrySchedule
 from mailworker.worker.tasks import send_mail
 from tests.servers import RabbitMQServer, SMTPServer, wait_for
-from tests.worker_process import WorkerProcess, producer
+from tests.worker_process import WorkerProcess, producer, subjects
 
 #: The first test of each pytest worker also waits for the node to start (up to its
 #: 60 s bound on a loaded machine), on top of the default 60 s per test.
@@ -72,11 +72,6 @@ def ready_messages(env: dict[str, str], queue: str) -> int | None:
         except amqp.exceptions.NotFound:
             return None
     return int(count)
-
-
-def subjects(server: SMTPServer) -> Counter[str]:
-    """How many copies of each subject the server accepted."""
-    return Counter(str(m.parsed()["Subject"]) for m in list(server.handler.messages))
 
 
 def pool_processes(worker: WorkerProcess) -> list[int]:

@@ -29,6 +29,8 @@ from tests.worker_process import (
     json_lines,
     mailworker_executable,
     producer,
+    publish,
+    subjects,
 )
 
 #: The server's password; it must never appear in any output of the worker (nor must
@@ -41,21 +43,6 @@ pytestmark = [
 ]
 VISIBILITY_TIMEOUT = float(BASE_SETTINGS["MAILWORKER_VISIBILITY_TIMEOUT"])
 TASK_TIME_LIMIT = float(BASE_SETTINGS["MAILWORKER_TASK_TIME_LIMIT"])
-
-
-def publish(count: int, prefix: str) -> list[str]:
-    """``send_mail.delay`` ``count`` messages with subjects ``"<prefix> <n>"``."""
-    return [
-        send_mail.delay(
-            to=f"user{n}@example.org", subject=f"{prefix} {n:03d}", text=f"message {n}"
-        ).id
-        for n in range(count)
-    ]
-
-
-def subjects(server: SMTPServer) -> Counter[str]:
-    """How many copies of each subject the server accepted."""
-    return Counter(str(m.parsed()["Subject"]) for m in list(server.handler.messages))
 
 
 def message_ids(server: SMTPServer) -> Counter[str]:
